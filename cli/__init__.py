@@ -1,0 +1,1 @@
+"""The `omnistream` command line: one entry point, subcommands in `omnistream_cli.commands`."""

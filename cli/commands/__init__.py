@@ -1,0 +1,1 @@
+"""Subcommand groups of `omnistream`; each module defines register(subparsers)."""

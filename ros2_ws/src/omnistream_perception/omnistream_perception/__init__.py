@@ -1,0 +1,1 @@
+"""OmniStream perception: the streaming backbone, geometry heads and the ROS 2 perception node."""
