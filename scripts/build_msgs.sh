@@ -12,7 +12,7 @@ PY="$VENV/bin/python"
 # this interpreter's (idempotent).
 PY_INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 NP_INC=$("$PY" -c 'import numpy; print(numpy.get_include())')
-grep -rl --include='*.cmake' -e '/opt/python/cp311-cp311' "$VENV" 2>/dev/null | while read -r f; do
+{ grep -rl --include="*.cmake" -e "/opt/python/cp311-cp311" "$VENV" 2>/dev/null || true; } | while read -r f; do
   sed -i -e "s#/opt/python/cp311-cp311/include/python3.11#${PY_INC}#g" \
          -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#${NP_INC}#g" "$f"
 done

@@ -1,0 +1,1 @@
+"""Simulation: the built-in pybullet tabletop, CALVIN and SimplerEnv harnesses, one rollout loop."""

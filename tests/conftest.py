@@ -1,0 +1,41 @@
+"""Shared test setup.
+
+* ROS isolation: every test process gets its own ROS_DOMAIN_ID and localhost-only discovery, so parallel
+  runs (and other machines) never see each other's topics.
+* ``--runslow`` enables tests marked ``slow`` (``make test-all``); without it they report SKIPPED with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
+os.environ.setdefault("AMENT_PREFIX_PATH", str(Path(os.sys.prefix)))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURE_A = SHARED / "fixtures" / "upstream_tiny_a"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow (make test-all)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow check: run `make test-all` (pytest --runslow)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fixture_a() -> Path:
+    if not FIXTURE_A.is_dir():
+        pytest.fail(f"the upstream fixture is missing: {FIXTURE_A} (CI clones with ../shared beside the repo)")
+    return FIXTURE_A

@@ -1,0 +1,1 @@
+"""Training: multi-task pretraining, head probing and VLA finetuning on torch.distributed."""
