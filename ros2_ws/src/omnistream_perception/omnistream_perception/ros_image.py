@@ -1,0 +1,249 @@
+"""sensor_msgs Image / CompressedImage / CameraInfo <-> numpy, without cv_bridge.
+
+cv_bridge is not available from any registry we reach (see ``../shared/specs/ros2-from-pypi.md``), so the
+conversions are ours. Two rules keep them fast:
+
+* read with ``np.frombuffer(msg.data, ...)`` (a view, no copy of the pixel data);
+* write ``bytes`` into ``msg.data``: assigning a numpy array goes element by element (about 100x slower).
+
+Every reader validates the message and raises ``ValueError`` with a message that says what is wrong
+(unknown encoding, data length not matching step x height, zero-size image, corrupt compressed data, NaN
+in float images), so a node can log it, count it and drop the frame.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from builtin_interfaces.msg import Time
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+
+
+@dataclass(frozen=True)
+class EncodingInfo:
+    dtype: np.dtype
+    channels: int
+
+
+# The encodings we read and write (REP 104 / sensor_msgs/image_encodings names).
+ENCODINGS: dict[str, EncodingInfo] = {
+    "rgb8": EncodingInfo(np.dtype(np.uint8), 3),
+    "bgr8": EncodingInfo(np.dtype(np.uint8), 3),
+    "rgba8": EncodingInfo(np.dtype(np.uint8), 4),
+    "bgra8": EncodingInfo(np.dtype(np.uint8), 4),
+    "mono8": EncodingInfo(np.dtype(np.uint8), 1),
+    "8UC1": EncodingInfo(np.dtype(np.uint8), 1),
+    "8UC3": EncodingInfo(np.dtype(np.uint8), 3),
+    "mono16": EncodingInfo(np.dtype(np.uint16), 1),
+    "16UC1": EncodingInfo(np.dtype(np.uint16), 1),
+    "32FC1": EncodingInfo(np.dtype(np.float32), 1),
+}
+COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3")
+DEPTH_ENCODINGS = ("32FC1", "16UC1")  # 16UC1 depth is millimetres by convention
+COMPRESSED_FORMATS = ("jpeg", "png")
+
+
+def _check_encoding(encoding: str) -> EncodingInfo:
+    info = ENCODINGS.get(encoding)
+    if info is None:
+        raise ValueError(f"unsupported image encoding {encoding!r}; supported: {', '.join(ENCODINGS)}")
+    return info
+
+
+def image_to_numpy(msg: Image) -> np.ndarray:
+    """The pixels of ``msg`` as an array (H, W) or (H, W, C) in the message's own encoding and dtype.
+
+    Row padding (step > width * pixel size) is removed; big-endian multi-byte data is byte-swapped.
+    The result may be a read-only view of ``msg.data``; copy it if you need to write to it.
+    """
+    info = _check_encoding(msg.encoding)
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    if height == 0 or width == 0:
+        raise ValueError(f"zero-size image ({width}x{height})")
+    row_bytes = width * info.channels * info.dtype.itemsize
+    if step < row_bytes:
+        raise ValueError(f"step {step} is smaller than width x pixel size = {row_bytes} for {msg.encoding}")
+    data = msg.data
+    if len(data) != step * height:
+        raise ValueError(f"data length {len(data)} does not match step x height = {step} x {height} = {step * height}")
+    raw = np.frombuffer(data, dtype=np.uint8).reshape(height, step)
+    if step != row_bytes:
+        raw = raw[:, :row_bytes]
+    if not raw.flags.c_contiguous:
+        raw = np.ascontiguousarray(raw)
+    dtype = info.dtype
+    if dtype.itemsize > 1:
+        dtype = dtype.newbyteorder(">" if msg.is_bigendian else "<")
+    array = raw.view(dtype).reshape(height, width, info.channels)
+    if dtype.itemsize > 1 and not dtype.isnative:
+        array = array.astype(info.dtype)  # to native byte order
+    if info.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{msg.encoding} image contains NaN or infinite values")
+    return array[..., 0] if info.channels == 1 else array
+
+
+def image_to_rgb(msg: Image) -> np.ndarray:
+    """A colour ``Image`` (rgb8, bgr8, rgba8, bgra8, mono8) as (H, W, 3) uint8 RGB."""
+    if msg.encoding not in COLOUR_ENCODINGS:
+        if msg.encoding in ENCODINGS:
+            raise ValueError(f"expected a colour image ({', '.join(COLOUR_ENCODINGS)}), got {msg.encoding!r}")
+        _check_encoding(msg.encoding)
+    return to_rgb(image_to_numpy(msg), msg.encoding)
+
+
+def to_rgb(array: np.ndarray, encoding: str) -> np.ndarray:
+    """Convert an 8-bit array in ``encoding`` to contiguous (H, W, 3) uint8 RGB."""
+    if encoding in ("rgb8", "8UC3"):
+        return np.ascontiguousarray(array)
+    if encoding == "bgr8":
+        return np.ascontiguousarray(array[..., ::-1])
+    if encoding == "rgba8":
+        return np.ascontiguousarray(array[..., :3])
+    if encoding == "bgra8":
+        return np.ascontiguousarray(array[..., 2::-1])
+    if encoding in ("mono8", "8UC1"):
+        return np.repeat(array[..., None], 3, axis=2)
+    raise ValueError(f"cannot convert {encoding!r} to RGB")
+
+
+def image_to_depth(msg: Image) -> np.ndarray:
+    """A depth ``Image`` as (H, W) float32 metres: 32FC1 in metres, 16UC1 in millimetres (0 = no reading)."""
+    if msg.encoding not in DEPTH_ENCODINGS:
+        _check_encoding(msg.encoding)
+        raise ValueError(f"expected a depth image ({', '.join(DEPTH_ENCODINGS)}), got {msg.encoding!r}")
+    array = image_to_numpy(msg)
+    if msg.encoding == "16UC1":
+        return array.astype(np.float32) / 1000.0
+    return np.asarray(array, dtype=np.float32)
+
+
+def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
+    """A jpeg/png ``CompressedImage`` as (H, W, 3) uint8 RGB (decoded with Pillow)."""
+    from PIL import Image as PILImage
+
+    fmt = (msg.format or "").lower()
+    # image_transport writes e.g. "rgb8; jpeg compressed bgr8"; plain "jpeg"/"png" is common too.
+    if not any(name in fmt for name in ("jpeg", "jpg", "png")) and fmt:
+        raise ValueError(f"unsupported compressed format {msg.format!r}; supported: jpeg, png")
+    if len(msg.data) == 0:
+        raise ValueError("zero-size compressed image (empty data)")
+    try:
+        with PILImage.open(io.BytesIO(bytes(msg.data))) as img:
+            img.load()
+            rgb = np.asarray(img.convert("RGB"))
+    except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...) on corrupt data
+        raise ValueError(f"corrupt compressed image ({msg.format or 'unknown format'}): {exc}") from exc
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError("zero-size compressed image")
+    return rgb
+
+
+def make_header(stamp: Time | None = None, frame_id: str = "") -> Header:
+    header = Header()
+    if stamp is not None:
+        header.stamp = stamp
+    header.frame_id = frame_id
+    return header
+
+
+def numpy_to_image(array: np.ndarray, encoding: str, header: Header | None = None) -> Image:
+    """Build an ``Image`` from (H, W) or (H, W, C) ``array`` in ``encoding`` (dtype must match)."""
+    info = _check_encoding(encoding)
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] != info.channels:
+        raise ValueError(f"{encoding} needs shape (H, W) or (H, W, {info.channels}), got {tuple(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"zero-size image {tuple(array.shape)}")
+    if array.dtype != info.dtype:
+        raise ValueError(f"{encoding} needs dtype {info.dtype}, got {array.dtype}")
+    msg = Image()
+    if header is not None:
+        msg.header = header
+    msg.height, msg.width = int(array.shape[0]), int(array.shape[1])
+    msg.encoding = encoding
+    msg.is_bigendian = int(sys.byteorder == "big")
+    msg.step = msg.width * info.channels * info.dtype.itemsize
+    msg.data = np.ascontiguousarray(array).tobytes()  # bytes, not the array: 100x faster
+    return msg
+
+
+def rgb_to_image(rgb: np.ndarray, header: Header | None = None, encoding: str = "rgb8") -> Image:
+    """(H, W, 3) uint8 RGB to an ``Image`` in rgb8 (default), bgr8 or mono8."""
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB, got {tuple(rgb.shape)} {rgb.dtype}")
+    if encoding == "rgb8":
+        return numpy_to_image(rgb, "rgb8", header)
+    if encoding == "bgr8":
+        return numpy_to_image(rgb[..., ::-1], "bgr8", header)
+    if encoding == "mono8":
+        grey = (rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).round().astype(np.uint8)
+        return numpy_to_image(grey, "mono8", header)
+    raise ValueError(f"rgb_to_image writes rgb8, bgr8 or mono8, not {encoding!r}")
+
+
+def rgb_to_compressed(
+    rgb: np.ndarray, header: Header | None = None, fmt: str = "jpeg", quality: int = 90
+) -> CompressedImage:
+    """(H, W, 3) uint8 RGB to a jpeg or png ``CompressedImage``."""
+    from PIL import Image as PILImage
+
+    if fmt not in COMPRESSED_FORMATS:
+        raise ValueError(f"unsupported compressed format {fmt!r}; supported: {', '.join(COMPRESSED_FORMATS)}")
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB, got {tuple(rgb.shape)} {rgb.dtype}")
+    buffer = io.BytesIO()
+    kwargs = {"quality": int(quality)} if fmt == "jpeg" else {}
+    PILImage.fromarray(rgb).save(buffer, format=fmt.upper(), **kwargs)
+    msg = CompressedImage()
+    if header is not None:
+        msg.header = header
+    msg.format = fmt
+    msg.data = buffer.getvalue()
+    return msg
+
+
+def depth_to_msg(depth: np.ndarray, header: Header | None = None) -> Image:
+    """(H, W) depth in metres to a ``32FC1`` ``Image`` (NaN allowed here: it marks pixels without depth)."""
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be (H, W), got {tuple(depth.shape)}")
+    return numpy_to_image(depth.astype(np.float32, copy=False), "32FC1", header)
+
+
+def camera_info_from_intrinsics(
+    intrinsics: np.ndarray, width: int, height: int, header: Header | None = None
+) -> CameraInfo:
+    """A ``CameraInfo`` for a pinhole camera without distortion from its 3x3 matrix ``K``."""
+    k = np.asarray(intrinsics, dtype=np.float64)
+    if k.shape != (3, 3) or not np.isfinite(k).all():
+        raise ValueError(f"intrinsics must be a finite 3x3 matrix, got shape {tuple(k.shape)}")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"camera size must be positive, got {width}x{height}")
+    msg = CameraInfo()
+    if header is not None:
+        msg.header = header
+    msg.width, msg.height = int(width), int(height)
+    msg.distortion_model = "plumb_bob"
+    msg.d = [0.0] * 5
+    msg.k = k.reshape(-1).tolist()
+    msg.r = np.eye(3).reshape(-1).tolist()
+    projection = np.zeros((3, 4))
+    projection[:, :3] = k
+    msg.p = projection.reshape(-1).tolist()
+    return msg
+
+
+def intrinsics_from_camera_info(msg: CameraInfo) -> np.ndarray:
+    """The 3x3 ``K`` of a ``CameraInfo``; ValueError when it is unset (all zeros) or not finite."""
+    k = np.asarray(msg.k, dtype=np.float64).reshape(3, 3)
+    if not np.isfinite(k).all() or k[0, 0] <= 0 or k[1, 1] <= 0:
+        raise ValueError("CameraInfo has no valid intrinsics (K is unset or not finite)")
+    return k
