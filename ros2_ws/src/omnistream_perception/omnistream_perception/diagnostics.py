@@ -23,15 +23,17 @@ from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
-OK = DiagnosticStatus.OK
-WARN = DiagnosticStatus.WARN
-ERROR = DiagnosticStatus.ERROR
-STALE = DiagnosticStatus.STALE
-
 
 def _level(value: int | bytes) -> int:
     # DiagnosticStatus.level is a byte field; rclpy exposes the constants as bytes.
     return value[0] if isinstance(value, bytes | bytearray) else int(value)
+
+
+# Plain ints (the message constants are bytes, which do not compare with ints).
+OK = _level(DiagnosticStatus.OK)
+WARN = _level(DiagnosticStatus.WARN)
+ERROR = _level(DiagnosticStatus.ERROR)
+STALE = _level(DiagnosticStatus.STALE)
 
 
 class StreamStats:
