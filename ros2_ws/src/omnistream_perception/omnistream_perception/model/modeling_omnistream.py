@@ -273,7 +273,9 @@ class OmniStreamModel(nn.Module):
         enc = self.patch_embed
         b, t, _, h, w = pixel_values.shape
         dtype = enc.cls_token.dtype
-        patches = enc.patch_embed(pixel_values.reshape(b * t, 3, h, w).to(dtype)).reshape(b, t, -1, enc.cls_token.shape[-1])
+        patches = enc.patch_embed(pixel_values.reshape(b * t, 3, h, w).to(dtype)).reshape(
+            b, t, -1, enc.cls_token.shape[-1]
+        )
         if masks is not None:  # iBOT: masked patches are replaced by the mask token
             patches = torch.where(masks.reshape(b, t, -1, 1), enc.mask_token.to(dtype), patches)
         later = (frame_indices > 0).long()  # first-frame tokens by absolute index, not position in the call
@@ -433,11 +435,15 @@ def resolve_pretrained_dir(path_or_hub_id: str | Path, required: Sequence[str]) 
     if path.is_dir():
         missing = [name for name in required if not (path / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{path} is missing {', '.join(missing)} (expected config.json + model.safetensors)")
+            raise FileNotFoundError(
+                f"{path} is missing {', '.join(missing)} (expected config.json + model.safetensors)"
+            )
         return path
     text = str(path_or_hub_id)
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{text} is neither a directory nor a Hugging Face hub id like 'StreamFormer/OmniStream'")
+        raise FileNotFoundError(
+            f"{text} is neither a directory nor a Hugging Face hub id like 'StreamFormer/OmniStream'"
+        )
     try:
         from huggingface_hub import snapshot_download
 

@@ -20,7 +20,13 @@ class StreamResetWarning(UserWarning):
     """The stream was restarted because its input changed (for example the resolution)."""
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
