@@ -42,7 +42,7 @@ ENCODINGS: dict[str, EncodingInfo] = {
     "16UC1": EncodingInfo(np.dtype(np.uint16), 1),
     "32FC1": EncodingInfo(np.dtype(np.float32), 1),
 }
-COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3")
+COLOUR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8", "8UC1", "8UC3", "32FC1")
 DEPTH_ENCODINGS = ("32FC1", "16UC1")  # 16UC1 depth is millimetres by convention
 COMPRESSED_FORMATS = ("jpeg", "png")
 
@@ -87,7 +87,7 @@ def image_to_numpy(msg: Image) -> np.ndarray:
 
 
 def image_to_rgb(msg: Image) -> np.ndarray:
-    """A colour ``Image`` (rgb8, bgr8, rgba8, bgra8, mono8) as (H, W, 3) uint8 RGB."""
+    """A colour ``Image`` (rgb8, bgr8, rgba8, bgra8, mono8, or 32FC1 intensity in [0, 1]) as (H, W, 3) uint8 RGB."""
     if msg.encoding not in COLOUR_ENCODINGS:
         if msg.encoding in ENCODINGS:
             raise ValueError(f"expected a colour image ({', '.join(COLOUR_ENCODINGS)}), got {msg.encoding!r}")
@@ -96,7 +96,7 @@ def image_to_rgb(msg: Image) -> np.ndarray:
 
 
 def to_rgb(array: np.ndarray, encoding: str) -> np.ndarray:
-    """Convert an 8-bit array in ``encoding`` to contiguous (H, W, 3) uint8 RGB."""
+    """Convert an array in a colour ``encoding`` (see COLOUR_ENCODINGS) to contiguous (H, W, 3) uint8 RGB."""
     if encoding in ("rgb8", "8UC3"):
         return np.ascontiguousarray(array)
     if encoding == "bgr8":
@@ -107,6 +107,9 @@ def to_rgb(array: np.ndarray, encoding: str) -> np.ndarray:
         return np.ascontiguousarray(array[..., 2::-1])
     if encoding in ("mono8", "8UC1"):
         return np.repeat(array[..., None], 3, axis=2)
+    if encoding == "32FC1":  # float intensity in [0, 1] (NaN was rejected by image_to_numpy)
+        grey = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
     raise ValueError(f"cannot convert {encoding!r} to RGB")
 
 
