@@ -13,10 +13,9 @@ import pkgutil
 import sys
 
 from . import commands
+from .errors import UserError
 
-
-class UserError(Exception):
-    """Bad input from the user: printed without a traceback, exit code 2."""
+__all__ = ["UserError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

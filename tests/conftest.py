@@ -2,6 +2,7 @@
 
 * ROS isolation: every test process gets its own ROS_DOMAIN_ID and localhost-only discovery, so parallel
   runs (and other machines) never see each other's topics.
+* one OpenMP thread per process (tests use tiny models; timings are measured by benchmarks, not tests).
 * ``--runslow`` enables tests marked ``slow`` (``make test-all``); without it they report SKIPPED with the reason.
 """
 
@@ -13,6 +14,9 @@ from pathlib import Path
 import pytest
 
 os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+# Tiny test models: one intra-op thread avoids OpenMP oversubscription with ROS executor threads and
+# parallel test processes (inherited by subprocesses, e.g. nodes and torchrun workers).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
 os.environ.setdefault("AMENT_PREFIX_PATH", str(Path(os.sys.prefix)))
 

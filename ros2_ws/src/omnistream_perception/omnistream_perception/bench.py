@@ -76,25 +76,32 @@ def benchmark_stream(
     for t in sorted(frame_counts):
         _prefill(stream, clip, t - 1)
         frame = clip[:, (t - 1) % clip.shape[1]]
-        # Every repeat steps the same T-th frame over the same cache: restore the cache around each one.
+        # Every repeat steps the same T-th frame over the same cache: restore it (untimed) before each one.
         saved = copy.deepcopy(stream.cache) if stream.cache is not None else None
-        saved_seen = stream.frames_seen
+        saved_seen, saved_resolution = stream.frames_seen, stream._resolution
 
-        def step(saved=saved, saved_seen=saved_seen, frame=frame):
+        def restore(saved=saved, saved_seen=saved_seen, saved_resolution=saved_resolution):
             stream.cache = copy.deepcopy(saved) if saved is not None else None
-            stream.frames_seen = saved_seen
-            if saved is None:
-                stream._resolution = None
+            stream.frames_seen, stream._resolution = saved_seen, saved_resolution
+
+        def step(frame=frame):
             t0 = time.perf_counter()
             stream.step(frame)
             _sync(device)
             return (time.perf_counter() - t0) * 1000.0
 
-        step()  # warm-up
-        stream_ms = statistics.median(step() for _ in range(repeats))
+        times = []
+        for i in range(repeats + 1):  # the first is a warm-up
+            restore()
+            elapsed = step()
+            if i:
+                times.append(elapsed)
+        stream_ms = statistics.median(times)
+        restore()
         base = resident_bytes() if device.type == "cpu" else 0
         _, stream_peak = measure_peak(step, device)
-        stream_peak = stream_peak - base + weights + (stream.cache_bytes if device.type == "cpu" else 0)
+        # CPU: resident growth during the step + what was already resident for streaming (weights, cache)
+        stream_peak = stream_peak - base + (weights + stream.cache_bytes if device.type == "cpu" else 0)
         row = {
             "frames": t,
             "stream_ms": round(stream_ms, 3),
@@ -120,7 +127,7 @@ def benchmark_stream(
         results.append(row)
         if progress is not None:
             progress(row)
-        stream.cache, stream.frames_seen = saved, saved_seen
+        restore()
     return results
 
 
@@ -180,7 +187,9 @@ def run_stream_benchmark(args) -> int:
         )
     console.print(table)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "preset": preset,
         "resolution": args.resolution,
         "dtype": args.dtype,

@@ -6,6 +6,7 @@ the resident set at once and a sampling thread sees each call's real peak.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -24,10 +25,8 @@ def _pin_mmap_threshold() -> None:
     global _configured
     if _configured:
         return
-    try:
+    with contextlib.suppress(OSError):  # not glibc: measurements are then upper bounds
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
-    except OSError:  # not glibc: measurements are then upper bounds
-        pass
     _configured = True
 
 

@@ -1,0 +1,236 @@
+"""Streaming equals the full causal pass; bounded windows; cache behaviour; bad input."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from omnistream_perception.model import OmniStreamConfig, OmniStreamModel, StreamResetWarning
+from omnistream_perception.model.rope import rope_angles
+
+TOL = 1e-4
+
+
+def random_model(seed=0, **cfg) -> OmniStreamModel:
+    """A model whose every parameter matters (LayerScale ~1, random special tokens and aspect embedder)."""
+    torch.manual_seed(seed)
+    config = OmniStreamConfig(**{"hidden_size": 64, "num_attention_heads": 4, "depth": 2, **cfg})
+    model = OmniStreamModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif "token" in name or "ar_embedder" in name:
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def stream_all(model, clip, pattern, step_kwargs=None, **stream_kwargs):
+    stream = model.stream(batch_size=clip.shape[0], **stream_kwargs)
+    outs, i = [], 0
+    for k in pattern:
+        outs.append(stream.step(clip[:, i : i + k], **(step_kwargs or {})))
+        i += k
+    assert i == clip.shape[1]
+    return stream, outs
+
+
+def cat(outs, key):
+    return torch.cat([getattr(o, key) for o in outs], dim=1)
+
+
+CONFIGS = [
+    dict(hidden_size=64, num_attention_heads=4, depth=2),  # head dim 16
+    dict(hidden_size=96, num_attention_heads=3, depth=3),  # head dim 32
+    dict(hidden_size=128, num_attention_heads=2, depth=2, ffn_layer="swiglu"),  # head dim 64
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["hd16", "hd32", "hd64-swiglu"])
+@pytest.mark.parametrize("pattern", [[1] * 6, [2, 1, 2, 1], [6], [1, 5]], ids=["1x6", "2-1-2-1", "one-chunk", "1-5"])
+def test_streaming_equals_full_causal_pass(cfg, pattern):
+    model = random_model(**cfg)
+    clip = torch.randn(2, 6, 3, 32, 48)  # a batch of two streams, non-square frames
+    with torch.no_grad():
+        full = model(clip, camera_token=True)
+    stream, outs = stream_all(model, clip, pattern, camera_token=True)
+    for key in ("last_hidden_state", "pooler_output", "camera_token"):
+        assert (cat(outs, key) - getattr(full, key)).abs().max() <= TOL, key
+    assert stream.frames_seen == 6 and stream.cached_frames == 6
+
+
+def test_hidden_states_stream_too():
+    model = random_model()
+    clip = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        full = model(clip)
+    _, outs = stream_all(model, clip, [1, 2, 1], step_kwargs={"output_hidden_states": True})
+    per_layer = [torch.cat([o.hidden_states[i] for o in outs], 1) for i in range(2)]
+    for i in range(2):
+        assert (per_layer[i] - full.hidden_states[i]).abs().max() <= TOL
+    # a chosen subset of layers comes back in the order asked for
+    stream = model.stream()
+    out = stream.step(clip[:, 0], output_hidden_states=[1])
+    assert len(out.hidden_states) == 1 and (out.hidden_states[0] - full.hidden_states[1][:, :1]).abs().max() <= TOL
+
+
+def test_first_frame_tokens_follow_the_absolute_index():
+    """A chunk starting mid-stream must use the later-frame register/camera tokens, not the first-frame ones."""
+    model = random_model()
+    clip = torch.randn(1, 3, 3, 32, 32)
+    tokens_mid = model.embed_frames(clip[:, 1:], torch.tensor([1, 2]), True, None)
+    tokens_first = model.embed_frames(clip[:, :1], torch.tensor([0]), True, None)
+    reg = model.patch_embed.register_token
+    assert torch.equal(tokens_first[0, 0, 2:6], reg[0, 0])
+    assert torch.equal(tokens_mid[0, 0, 2:6], reg[0, 1])
+    # and the streamed chunk [1:3] equals the full pass, which it could not if frame 1 used first-frame tokens
+    with torch.no_grad():
+        full = model(clip, camera_token=True)
+    _, outs = stream_all(model, clip, [1, 2], camera_token=True)
+    assert (cat(outs, "last_hidden_state") - full.last_hidden_state).abs().max() <= TOL
+
+
+def test_camera_token_uses_the_aspect_ratio():
+    model = random_model()
+    clip = torch.randn(1, 1, 3, 32, 64)
+    with torch.no_grad():
+        a = model(clip, camera_token=True).camera_token
+        b = model(clip, aspect_ratio=2.0, camera_token=True).camera_token
+        c = model(clip, aspect_ratio=0.5, camera_token=True).camera_token
+    assert torch.allclose(a, c)  # default is H/W = 0.5
+    assert not torch.allclose(a, b)
+
+
+def windowed_reference(model, clip, window, sink):
+    """Full pass with the mask a single-frame windowed stream implies: frame t sees the first `sink`
+    frames, the `window - sink` frames before it, and itself; RoPE time is the absolute frame index."""
+    b, t, _, h, w = clip.shape
+    frames = torch.arange(t)
+    tokens = model.embed_frames(clip, frames, False, None)
+    n = tokens.shape[2]
+    cos, sin = model.rope_tables(frames, h // 16, w // 16, False)
+    qf = frames.repeat_interleave(n)[:, None]
+    kf = frames.repeat_interleave(n)[None, :]
+    recent = window - sink
+    mask = (kf <= qf) & ((kf == qf) | (kf < sink) | (kf >= qf - recent))
+    with torch.no_grad():
+        x, _ = model.run_blocks(tokens, cos, sin, mask, False)
+    return model.outputs_from(x, None, False, (h // 16, w // 16), frames)
+
+
+@pytest.mark.parametrize("window,sink", [(4, 1), (3, 0), (5, 2)])
+def test_window_keeps_sinks_and_recent_frames_with_absolute_time(window, sink):
+    model = random_model()
+    clip = torch.randn(1, 11, 3, 32, 32)
+    ref = windowed_reference(model, clip, window, sink)
+    stream, outs = stream_all(model, clip, [1] * 11, window=window, sink=sink)
+    assert (cat(outs, "last_hidden_state") - ref.last_hidden_state).abs().max() <= TOL
+    assert stream.cached_frames == window and stream.frames_seen == 11
+
+
+def test_window_bounds_memory_and_never_reallocates():
+    model = random_model()
+    stream = model.stream(window=4, sink=1)
+    frame = torch.randn(1, 3, 32, 32)
+    stream.step(frame)
+    ptr, nbytes = stream.cache.buffer.data_ptr(), stream.cache_bytes
+    for _ in range(30):
+        stream.step(frame)
+        assert stream.cached_frames <= 4
+    assert stream.cache.buffer.data_ptr() == ptr and stream.cache_bytes == nbytes
+
+
+def test_unbounded_cache_grows_geometrically():
+    model = random_model()
+    stream = model.stream()
+    frame = torch.randn(1, 3, 32, 32)
+    pointers = set()
+    for _ in range(40):
+        stream.step(frame)
+        pointers.add(stream.cache.buffer.data_ptr())
+    assert len(pointers) <= 3  # 16 -> 32 -> 64 frames: amortised O(1) copying, not a concat per step
+
+
+def test_single_frame_steps_build_no_attention_mask(monkeypatch):
+    model = random_model()
+    stream = model.stream()
+    seen = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return original(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    for _ in range(3):
+        stream.step(torch.randn(1, 3, 32, 32))
+    assert seen and all(m is None for m in seen)
+    seen.clear()
+    stream.step(torch.randn(1, 2, 3, 32, 32))
+    assert all(m is not None for m in seen)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, "float16"])
+def test_low_precision_cache_stays_close(cache_dtype):
+    model = random_model()
+    clip = torch.randn(1, 5, 3, 32, 32)
+    _, ref = stream_all(model, clip, [1] * 5)
+    stream, outs = stream_all(model, clip, [1] * 5, cache_dtype=cache_dtype)
+    assert stream.cache.buffer.dtype in (torch.bfloat16, torch.float16)
+    diff = (cat(outs, "last_hidden_state") - cat(ref, "last_hidden_state")).abs().max()
+    assert 0 < diff < 0.1
+
+
+def test_resolution_change_resets_with_a_warning():
+    model = random_model()
+    stream = model.stream()
+    stream.step(torch.randn(1, 3, 32, 32))
+    stream.step(torch.randn(1, 3, 32, 32))
+    frame = torch.randn(1, 3, 48, 32)
+    with pytest.warns(StreamResetWarning, match="resolution changed"):
+        out = stream.step(frame)
+    assert stream.frames_seen == 1 and int(out.frame_indices[0]) == 0
+    fresh = model.stream().step(frame)
+    assert torch.equal(out.last_hidden_state, fresh.last_hidden_state)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.randn(1, 1, 3, 30, 32), "multiples of the patch size"),
+        (torch.randint(0, 255, (1, 1, 3, 32, 32), dtype=torch.uint8), "float tensor"),
+        (torch.randn(1, 1, 4, 32, 32), r"\(batch, frames, 3, height, width\)"),
+        (torch.randn(3, 32, 32), r"\(batch, frames, 3, height, width\)"),
+        (torch.randn(2, 1, 3, 32, 32), "batch_size=1"),
+        ([[1.0]], "torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_a_clear_value_error(bad, match):
+    model = random_model()
+    stream = model.stream()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=match):
+            stream.step(bad)
+    assert stream.frames_seen == 0
+
+
+def test_rope_layout_matches_the_published_formula():
+    """Re-derive angles element by element from the spec: [Y|Y|X|X], then i % 4 == 3 holds time."""
+    d, h, w, base, total = 16, 2, 3, 100.0, 16.0
+    frames = torch.tensor([0, 5, 37])
+    got = rope_angles(frames, h, w, d, base, total)
+    for fi, f in enumerate(frames.tolist()):
+        for r in range(h):
+            for c in range(w):
+                y, x, t = 2 * (r + 0.5) / h - 1, 2 * (c + 0.5) / w - 1, f / total
+                for i in range(d):
+                    if i % 4 == 3:
+                        j, coord = (i // 4) % (d // 8), t
+                    else:
+                        j, coord = i % (d // 4), (y if i < d // 2 else x)
+                    expected = 2 * math.pi * coord / base ** (4 * j / d)
+                    assert abs(got[fi, r * w + c, i].item() - expected) < 1e-4, (f, r, c, i)
