@@ -1,0 +1,258 @@
+"""Run the nodes a launch file declares in one process (MultiThreadedExecutor), without ``ros2 launch``.
+
+``launch`` / ``launch_ros`` are not on PyPI (see ``../shared/specs/ros2-from-pypi.md``), so machines with
+pip-only ROS cannot run launch files. Our launch files stay thin (node declarations, launch arguments, a
+params YAML); this module executes ``generate_launch_description()`` with small recording stand-ins for the
+few launch classes they use (``LaunchRecorderStandIn``), then constructs the declared nodes in this process
+with the same parameters files and remappings, passed as ROS arguments exactly as ``ros2 launch`` would.
+
+Node classes are found from the console-script entry point of ``package``/``executable`` (the one rclpy
+``Node`` subclass defined in that module). They must accept ``node_name=...`` and rclpy ``Node`` keyword
+arguments (``context``, ``cli_args``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.metadata
+import inspect
+import runpy
+import sys
+import threading
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_SRC = Path(__file__).resolve().parents[2]  # ros2_ws/src in a checkout
+REPO_ROOT = _SRC.parents[1]
+LAUNCH_DIR = REPO_ROOT / "launch"
+
+
+@dataclass
+class NodeDeclaration:
+    package: str
+    executable: str
+    name: str
+    namespace: str = ""
+    parameters: list[Any] = field(default_factory=list)  # YAML file paths or {name: value} dicts
+    remappings: list[tuple[str, str]] = field(default_factory=list)
+
+    def ros_arguments(self, extra_params_files: list[str] = (), overrides: dict[str, Any] | None = None) -> list[str]:
+        """The ``--ros-args`` that ``ros2 launch`` would pass (later files and ``-p`` win)."""
+        args = ["--ros-args"]
+        for source, target in self.remappings:
+            args += ["-r", f"{source}:={target}"]
+        for params in self.parameters:
+            if isinstance(params, dict):
+                args += [a for k, v in params.items() for a in ("-p", f"{k}:={_yaml_value(v)}")]
+            else:
+                args += ["--params-file", str(params)]
+        for path in extra_params_files:
+            args += ["--params-file", str(path)]
+        for key, value in (overrides or {}).items():
+            args += ["-p", f"{key}:={_yaml_value(value)}"]
+        return args
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    return str(value)
+
+
+# -- recording stand-ins for launch / launch_ros -------------------------------------------------------------------
+class _LaunchConfiguration:
+    def __init__(self, name: str, default: Any = None):
+        self.name, self.default = name, default
+
+
+def _resolve(value: Any, arguments: dict[str, str]) -> Any:
+    if isinstance(value, _LaunchConfiguration):
+        if value.name in arguments:
+            return arguments[value.name]
+        if value.default is not None:
+            return _resolve(value.default, arguments)
+        raise ValueError(f"launch argument {value.name!r} has no value: pass {value.name}:=VALUE")
+    if isinstance(value, list):  # a list of substitutions concatenates
+        return "".join(str(_resolve(v, arguments)) for v in value)
+    return value
+
+
+class LaunchRecorderStandIn:
+    """Stand-in modules ``launch``, ``launch.actions``, ``launch.substitutions``, ``launch_ros.actions`` that
+    record what a launch file declares instead of starting processes."""
+
+    def __init__(self) -> None:
+        self.arguments: dict[str, Any] = {}
+        self.nodes: list[dict[str, Any]] = []
+
+    def modules(self) -> dict[str, types.ModuleType]:
+        recorder = self
+
+        class LaunchDescription(list):
+            pass
+
+        class DeclareLaunchArgument:
+            def __init__(self, name, default_value=None, description="", **_):
+                self.name, self.default_value, self.description = name, default_value, description
+                recorder.arguments[name] = default_value
+
+        class Node:
+            def __init__(self, package, executable, name=None, namespace="", parameters=(), remappings=(), **_):
+                self.spec = dict(
+                    package=package,
+                    executable=executable,
+                    name=name or executable,
+                    namespace=namespace,
+                    parameters=list(parameters),
+                    remappings=list(remappings),
+                )
+                recorder.nodes.append(self.spec)
+
+        launch = types.ModuleType("launch")
+        launch.LaunchDescription = LaunchDescription
+        actions = types.ModuleType("launch.actions")
+        actions.DeclareLaunchArgument = DeclareLaunchArgument
+        substitutions = types.ModuleType("launch.substitutions")
+        substitutions.LaunchConfiguration = _LaunchConfiguration
+        launch.actions, launch.substitutions = actions, substitutions
+        launch_ros = types.ModuleType("launch_ros")
+        ros_actions = types.ModuleType("launch_ros.actions")
+        ros_actions.Node = Node
+        launch_ros.actions = ros_actions
+        return {
+            "launch": launch,
+            "launch.actions": actions,
+            "launch.substitutions": substitutions,
+            "launch_ros": launch_ros,
+            "launch_ros.actions": ros_actions,
+        }
+
+
+def package_share_directory(package: str) -> str:
+    """The package's source folder in a checkout (where config/ lives), else the installed share directory."""
+    source = _SRC / package
+    if (source / "package.xml").is_file():
+        return str(source)
+    from ament_index_python.packages import get_package_share_directory
+
+    return get_package_share_directory(package)
+
+
+@contextlib.contextmanager
+def _launch_stand_ins(recorder: LaunchRecorderStandIn):
+    import ament_index_python.packages as ament_packages
+
+    saved = {name: sys.modules.get(name) for name in recorder.modules()}
+    sys.modules.update(recorder.modules())
+    real_lookup = ament_packages.get_package_share_directory
+    ament_packages.get_package_share_directory = package_share_directory
+    try:
+        yield
+    finally:
+        ament_packages.get_package_share_directory = real_lookup
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def load_launch_file(path: str | Path, arguments: dict[str, str] | None = None) -> list[NodeDeclaration]:
+    """The nodes ``path`` declares, with launch arguments resolved (``arguments`` override the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"launch file not found: {path}")
+    recorder = LaunchRecorderStandIn()
+    with _launch_stand_ins(recorder):
+        namespace = runpy.run_path(str(path))
+        if "generate_launch_description" not in namespace:
+            raise ValueError(f"{path} has no generate_launch_description()")
+        namespace["generate_launch_description"]()
+    unknown = set(arguments or {}) - set(recorder.arguments)
+    if unknown:
+        raise ValueError(
+            f"{path.name} has no launch argument(s) {sorted(unknown)}; it has {sorted(recorder.arguments)}"
+        )
+    values = {k: _resolve(v, {}) for k, v in recorder.arguments.items() if v is not None}
+    values.update(arguments or {})
+    declarations = []
+    for spec in recorder.nodes:
+        declarations.append(
+            NodeDeclaration(
+                package=spec["package"],
+                executable=spec["executable"],
+                name=str(_resolve(spec["name"], values)),
+                namespace=str(_resolve(spec["namespace"], values)),
+                parameters=[_resolve(p, values) for p in spec["parameters"]],
+                remappings=[(str(_resolve(a, values)), str(_resolve(b, values))) for a, b in spec["remappings"]],
+            )
+        )
+    return declarations
+
+
+def node_class(package: str, executable: str) -> type:
+    """The rclpy ``Node`` subclass behind ``ros2 run package executable``."""
+    from rclpy.node import Node
+
+    points = list(importlib.metadata.entry_points(group="console_scripts", name=executable))
+    module_name = points[0].value.split(":")[0] if points else f"{package}.{executable}"
+    if not module_name.startswith(package + "."):
+        raise ValueError(f"console script {executable!r} belongs to {module_name}, not package {package!r}")
+    module = importlib.import_module(module_name)
+    classes = [
+        c
+        for _, c in inspect.getmembers(module, inspect.isclass)
+        if issubclass(c, Node) and c.__module__ == module.__name__
+    ]
+    wanted = executable.replace("_", "").lower()
+    for cls in classes:
+        if cls.__name__.lower() == wanted:
+            return cls
+    if len(classes) == 1:
+        return classes[0]
+    raise ValueError(f"cannot tell which Node class {module_name} runs ({[c.__name__ for c in classes]})")
+
+
+def create_nodes(
+    declarations: list[NodeDeclaration],
+    context=None,
+    extra_params_files: list[str] = (),
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> list:
+    """Construct the declared nodes in this process. ``overrides`` maps node name -> {parameter: value}."""
+    nodes = []
+    try:
+        for decl in declarations:
+            cls = node_class(decl.package, decl.executable)
+            args = decl.ros_arguments(extra_params_files, (overrides or {}).get(decl.name))
+            nodes.append(cls(node_name=decl.name, namespace=decl.namespace or None, context=context, cli_args=args))
+    except BaseException:
+        for node in nodes:
+            node.destroy_node()
+        raise
+    return nodes
+
+
+def spin_nodes(nodes: list, context=None, duration: float | None = None, stop: threading.Event | None = None) -> None:
+    """Spin ``nodes`` on a MultiThreadedExecutor until ``duration`` seconds pass, ``stop`` is set or Ctrl-C."""
+    from rclpy.executors import MultiThreadedExecutor
+
+    executor = MultiThreadedExecutor(context=context)
+    for node in nodes:
+        executor.add_node(node)
+    deadline = None if duration is None else time.monotonic() + duration
+    try:
+        while (deadline is None or time.monotonic() < deadline) and not (stop is not None and stop.is_set()):
+            executor.spin_once(timeout_sec=0.1)
+    finally:
+        executor.shutdown()
+
+
+def default_launch_file(with_vla: bool) -> Path:
+    return LAUNCH_DIR / ("omnistream.launch.py" if with_vla else "perception.launch.py")
