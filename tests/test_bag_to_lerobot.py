@@ -1,0 +1,169 @@
+"""Bags written with `rosbags` (how users' existing bags look) -> LeRobot v3.0, and the CLI around it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from omnistream_cli.main import main as cli_main
+from omnistream_train.bag_to_lerobot import BagConversionConfig, convert_bags
+from omnistream_train.lerobot_dataset import LeRobotDataset
+
+FPS = 10
+H, W = 32, 48
+T0 = 1_700_000_000 * 1_000_000_000  # a realistic epoch time in ns
+
+
+def _frame(k: int) -> np.ndarray:
+    """A frame whose colour encodes its index (survives AV1 compression to within a few levels)."""
+    img = np.zeros((H, W, 3), np.uint8)
+    img[..., 0] = (10 * k) % 250
+    img[..., 1] = 200 - (7 * k) % 150
+    img[..., 2] = 60
+    return img
+
+
+def write_user_bag(path: Path, frames: int = 15, instruction_at: dict[int, str] | None = None) -> list[np.ndarray]:
+    """A bag like users have: Image (bgr8, no header stamps), String instructions, Float32MultiArray actions."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    Image, Header, Time = (
+        ts.types["sensor_msgs/msg/Image"],
+        ts.types["std_msgs/msg/Header"],
+        ts.types["builtin_interfaces/msg/Time"],
+    )
+    String = ts.types["std_msgs/msg/String"]
+    F32 = ts.types["std_msgs/msg/Float32MultiArray"]
+    Layout = ts.types["std_msgs/msg/MultiArrayLayout"]
+    instruction_at = instruction_at or {0: "pick up the red block"}
+    actions = []
+    with Writer(path, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        cam = writer.add_connection("/camera/image_raw", Image.__msgtype__, typestore=ts)
+        ins = writer.add_connection("/instruction", String.__msgtype__, typestore=ts)
+        act = writer.add_connection("/action", F32.__msgtype__, typestore=ts)
+        step = 1_000_000_000 // FPS
+        for k in range(frames):
+            t = T0 + k * step
+            if k in instruction_at:
+                writer.write(ins, t - 1000, ts.serialize_cdr(String(data=instruction_at[k]), String.__msgtype__))
+            bgr = np.ascontiguousarray(_frame(k)[..., ::-1])
+            img = Image(
+                header=Header(stamp=Time(sec=0, nanosec=0), frame_id="cam"),
+                height=H,
+                width=W,
+                encoding="bgr8",
+                is_bigendian=0,
+                step=W * 3,
+                data=bgr.reshape(-1),
+            )
+            writer.write(cam, t, ts.serialize_cdr(img, Image.__msgtype__))
+            action = np.array([k, -k, 0.5 * k, 0, 0, 0.01 * k, 1 if k % 2 else -1], np.float32)
+            actions.append(action)
+            msg = F32(layout=Layout(dim=[], data_offset=0), data=action)
+            writer.write(act, t + 2_000_000, ts.serialize_cdr(msg, F32.__msgtype__))  # 2 ms after the image
+    return actions
+
+
+def test_rosbags_bag_converts(tmp_path):
+    bag = tmp_path / "user_bag"
+    actions = write_user_bag(bag, frames=15, instruction_at={0: "pick up the red block", 8: "place it in the tray"})
+    cfg = BagConversionConfig(
+        camera_topics=["/camera/image_raw"], action_topic="/action", instruction_topic="/instruction"
+    )
+    summary = convert_bags([bag], tmp_path / "ds", cfg)
+    assert summary["fps"] == FPS  # estimated from the camera
+    ds = LeRobotDataset(tmp_path / "ds", image_format="uint8_hwc")
+    assert len(ds) == 15 and ds.num_episodes == 1
+    info = json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["total_frames"] == 15 and info["total_tasks"] == 2
+    assert info["features"]["observation.images.camera"]["info"]["video.codec"] == "av1"
+    for k in (0, 7, 8, 14):
+        item = ds[k]
+        np.testing.assert_allclose(item["action"].numpy(), actions[k])
+        assert item["timestamp"].item() == pytest.approx(k / FPS)
+        assert item["task"] == ("pick up the red block" if k < 8 else "place it in the tray")
+        # bgr8 was converted to RGB: channel 0 carries the index, channel 2 is constant.
+        assert abs(int(item["observation.images.camera"][..., 0].mean()) - int(_frame(k)[..., 0].mean())) <= 4
+        assert abs(int(item["observation.images.camera"][..., 2].mean()) - 60) <= 4
+    stats = ds.stats["action"]
+    np.testing.assert_allclose(stats["max"], np.max(actions, axis=0), rtol=1e-6)
+    assert set(stats) >= {"min", "max", "mean", "std", "count", "q01", "q10", "q50", "q90", "q99"}
+    assert np.asarray(ds.stats["observation.images.camera"]["mean"]).shape == (3, 1, 1)
+
+
+def test_interpolate_alignment_and_fixed_fps(tmp_path):
+    bag = tmp_path / "bag"
+    actions = write_user_bag(bag, frames=10)
+    cfg = BagConversionConfig(
+        camera_topics=["/camera/image_raw"],
+        action_topic="/action",
+        fps=20,
+        alignment="interpolate",
+        default_task="fallback task",
+    )
+    convert_bags([bag], tmp_path / "ds", cfg)
+    ds = LeRobotDataset(tmp_path / "ds", image_format="uint8_hwc")
+    assert len(ds) == 19  # 0.9 s at 20 fps
+    # Frame 1 is half-way between actions 0 and 1 (minus the 2 ms offset of the action messages).
+    expected = actions[0] + (50 - 2) / 100 * (actions[1] - actions[0])
+    np.testing.assert_allclose(ds[1]["action"].numpy(), expected, atol=1e-5)
+    assert ds[0]["task"] == "fallback task"
+
+
+def test_missing_topic_lists_what_exists(tmp_path):
+    bag = tmp_path / "bag"
+    write_user_bag(bag, frames=3)
+    cfg = BagConversionConfig(camera_topics=["/front/image_raw"], action_topic="/action")
+    with pytest.raises(ValueError, match=r"/front/image_raw.*it has: /action \[std_msgs/msg/Float32MultiArray\]"):
+        convert_bags([bag], tmp_path / "ds", cfg)
+
+
+def test_cli_bag_to_lerobot_info_view(tmp_path, capsys):
+    bag = tmp_path / "bag"
+    write_user_bag(bag, frames=6)
+    out = tmp_path / "ds"
+    rc = cli_main(
+        [
+            "data",
+            "bag-to-lerobot",
+            str(bag),
+            "--out",
+            str(out),
+            "--camera-topics",
+            "/camera/image_raw",
+            "--action-topic",
+            "/action",
+            "--instruction-topic",
+            "/instruction",
+            "--fps",
+            "10",
+        ]
+    )
+    assert rc == 0
+    assert cli_main(["data", "info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "v3.0" in text and "pick up the red block" in text
+    png = tmp_path / "ep0.png"
+    assert cli_main(["data", "view", str(out), "--episode", "0", "--out", str(png)]) == 0
+    assert png.stat().st_size > 1000
+    # Bad input: exit 2 with the topics listed, no traceback.
+    rc = cli_main(
+        [
+            "data",
+            "bag-to-lerobot",
+            str(bag),
+            "--out",
+            str(tmp_path / "x"),
+            "--camera-topics",
+            "/nope",
+            "--action-topic",
+            "/action",
+        ]
+    )
+    assert rc == 2
+    assert "/camera/image_raw" in capsys.readouterr().err

@@ -1,0 +1,308 @@
+"""rosbag2 bags (ours from ``recorder_node``, or anyone's) -> a LeRobot v3.0 dataset.
+
+Streams are put on one clock at ``fps``: every episode gets frames at ``t0 + k / fps`` from its first camera
+image to its last; each camera contributes its nearest image, and numeric streams (action, state) their
+nearest message or a linear interpolation (``alignment="interpolate"``). A message's time is its header
+stamp when it has a non-zero one, else the time the bag logged it.
+
+Episodes: from the recorder's ``.../episode_events`` topic when the bag has one (instruction, success,
+notes); otherwise each bag is one episode. A frame's task is the latest instruction message at or before
+it, else its episode's instruction, else ``default_task``.
+
+Supported message types:
+  cameras      sensor_msgs/msg/Image (rgb8, bgr8, rgba8, bgra8, mono8), sensor_msgs/msg/CompressedImage
+  action       omnistream_msgs/msg/EndEffectorAction (x y z roll pitch yaw gripper), sensor_msgs/msg/JointState
+               (positions), std_msgs/msg/Float32MultiArray / Float64MultiArray (data)
+  state        the same as action, plus geometry_msgs/msg/PoseStamped (x y z qx qy qz qw)
+  instruction  std_msgs/msg/String
+Images are decoded with ``omnistream_perception.ros_image`` (the same code the nodes use).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .lerobot_dataset import LeRobotDatasetWriter
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
+EE_NAMES = ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]
+VECTOR_TYPES = (
+    "omnistream_msgs/msg/EndEffectorAction",
+    "sensor_msgs/msg/JointState",
+    "std_msgs/msg/Float32MultiArray",
+    "std_msgs/msg/Float64MultiArray",
+)
+STATE_TYPES = (*VECTOR_TYPES, "geometry_msgs/msg/PoseStamped")
+
+
+@dataclass
+class BagConversionConfig:
+    camera_topics: list[str]
+    action_topic: str
+    state_topic: str | None = None
+    instruction_topic: str | None = None
+    fps: int | None = None  # None: from the first camera's median message interval
+    alignment: str = "nearest"  # "nearest" | "interpolate" (numeric streams only; images are never blended)
+    default_task: str | None = None
+    episode_events_topic: str | None = None  # None: any ".../episode_events" topic
+    only_successful: bool = False
+    robot_type: str | None = None
+    extra_episode_info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.camera_topics:
+            raise ValueError("give at least one camera topic (--camera-topics T1,T2)")
+        if self.alignment not in ("nearest", "interpolate"):
+            raise ValueError(f"alignment must be 'nearest' or 'interpolate', got {self.alignment!r}")
+        if self.fps is not None and self.fps <= 0:
+            raise ValueError(f"fps must be positive, got {self.fps}")
+
+
+def camera_key(topic: str) -> str:
+    """'/camera/front/image_raw' -> 'observation.images.camera_front' (LeRobot's camera key)."""
+    parts = [p for p in topic.strip("/").split("/") if p]
+    while len(parts) > 1 and parts[-1] in ("image_raw", "image", "compressed", "image_color", "image_rect_color"):
+        parts.pop()
+    return "observation.images." + "_".join(parts)
+
+
+@dataclass
+class _Stream:
+    topic: str
+    msgtype: str
+    times: list[int] = field(default_factory=list)  # ns
+    values: list[Any] = field(default_factory=list)
+    names: list[str] | None = None
+
+
+def _stamp_ns(msg: Any, fallback: int) -> int:
+    header = getattr(msg, "header", None)
+    if header is not None:
+        ns = int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+        if ns > 0:
+            return ns
+    return fallback
+
+
+def _vector(msg: Any, msgtype: str) -> tuple[np.ndarray, list[str] | None]:
+    if msgtype == "omnistream_msgs/msg/EndEffectorAction":
+        t, r = msg.translation, msg.rotation
+        return np.array([t.x, t.y, t.z, r.x, r.y, r.z, msg.gripper], np.float32), EE_NAMES
+    if msgtype == "sensor_msgs/msg/JointState":
+        return np.asarray(msg.position, np.float32), list(msg.name) or None
+    if msgtype in ("std_msgs/msg/Float32MultiArray", "std_msgs/msg/Float64MultiArray"):
+        return np.asarray(msg.data, np.float32), None
+    if msgtype == "geometry_msgs/msg/PoseStamped":
+        p, q = msg.pose.position, msg.pose.orientation
+        return np.array([p.x, p.y, p.z, q.x, q.y, q.z, q.w], np.float32), ["x", "y", "z", "qx", "qy", "qz", "qw"]
+    raise ValueError(f"unsupported numeric message type {msgtype}")
+
+
+def decode_image(msg: Any, msgtype: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a rosbags-deserialised Image/CompressedImage (duck-typed like rclpy's)."""
+    from omnistream_perception import ros_image
+
+    if msgtype == "sensor_msgs/msg/Image":
+        return ros_image.image_to_rgb(msg)
+    return ros_image.compressed_to_rgb(msg)
+
+
+def _nearest(times: np.ndarray, t: np.ndarray) -> np.ndarray:
+    idx = np.clip(np.searchsorted(times, t), 1, len(times) - 1)
+    left, right = times[idx - 1], times[idx]
+    return np.where(np.abs(t - left) <= np.abs(right - t), idx - 1, idx) if len(times) > 1 else np.zeros_like(idx)
+
+
+def _align_vectors(stream: _Stream, grid: np.ndarray, alignment: str) -> np.ndarray:
+    times = np.asarray(stream.times, dtype=np.int64)
+    values = np.stack(stream.values)
+    if len(times) == 1:
+        return np.repeat(values, len(grid), axis=0)
+    if alignment == "nearest":
+        return values[_nearest(times, grid)]
+    rel = (times - times[0]).astype(np.float64)
+    g = (grid - times[0]).astype(np.float64)
+    return np.stack([np.interp(g, rel, values[:, d]) for d in range(values.shape[1])], axis=1).astype(np.float32)
+
+
+def _read_bag(bag: Path, cfg: BagConversionConfig) -> tuple[dict[str, _Stream], list[dict[str, Any]]]:
+    from rosbags.highlevel import AnyReader
+
+    from omnistream_vla.recording import EPISODE_EVENTS_TYPE
+
+    if not (bag / "metadata.yaml").is_file() and not bag.is_file():
+        raise ValueError(f"{bag} is not a rosbag2 directory (no metadata.yaml)")
+    with AnyReader([bag]) as reader:
+        available = {c.topic: c.msgtype for c in reader.connections}
+        wanted = [*cfg.camera_topics, cfg.action_topic]
+        wanted += [t for t in (cfg.state_topic, cfg.instruction_topic) if t]
+        missing = [t for t in wanted if t not in available]
+        if missing:
+            listing = ", ".join(f"{t} [{m}]" for t, m in sorted(available.items()))
+            raise ValueError(f"{bag}: topic(s) {missing} not in the bag; it has: {listing}")
+        checks = [(t, IMAGE_TYPES, "camera") for t in cfg.camera_topics] + [(cfg.action_topic, VECTOR_TYPES, "action")]
+        if cfg.state_topic:
+            checks.append((cfg.state_topic, STATE_TYPES, "state"))
+        if cfg.instruction_topic:
+            checks.append((cfg.instruction_topic, ("std_msgs/msg/String",), "instruction"))
+        for topic, allowed, role in checks:
+            if available[topic] not in allowed:
+                raise ValueError(f"{role} topic {topic} has type {available[topic]}; supported: {', '.join(allowed)}")
+        events_topic = cfg.episode_events_topic
+        if events_topic is None:
+            events_topic = next(
+                (t for t, m in available.items() if t.endswith("episode_events") and m == EPISODE_EVENTS_TYPE), None
+            )
+        elif events_topic not in available:
+            raise ValueError(f"{bag}: episode events topic {events_topic} is not in the bag")
+
+        streams = {t: _Stream(t, available[t]) for t in wanted}
+        conns = [c for c in reader.connections if c.topic in streams]
+        for conn, logtime, raw in reader.messages(connections=conns):
+            stream = streams[conn.topic]
+            msg = reader.deserialize(raw, conn.msgtype)
+            stream.times.append(_stamp_ns(msg, logtime))
+            if conn.msgtype in IMAGE_TYPES:
+                stream.values.append(msg)  # decoded only when a frame uses it
+            elif conn.msgtype == "std_msgs/msg/String":
+                stream.values.append(msg.data)
+            else:
+                vec, names = _vector(msg, conn.msgtype)
+                if stream.values and vec.shape != stream.values[0].shape:
+                    raise ValueError(
+                        f"{conn.topic}: vector length changes from {stream.values[0].shape[0]} to {vec.shape[0]}"
+                    )
+                stream.values.append(vec)
+                stream.names = stream.names or names
+    for stream in streams.values():  # bags are ordered by log time; header stamps may differ slightly
+        order = np.argsort(np.asarray(stream.times, dtype=np.int64), kind="stable")
+        stream.times = [stream.times[i] for i in order]
+        stream.values = [stream.values[i] for i in order]
+
+    episodes: list[dict[str, Any]] = []
+    if events_topic is not None:
+        from omnistream_vla.recording import read_episode_events
+
+        episodes = [e for e in read_episode_events(bag, events_topic) if e.get("stop_ns") is not None]
+    if not episodes:
+        cams = [s for t, s in streams.items() if t in cfg.camera_topics]
+        if not cams[0].times:
+            raise ValueError(f"{bag}: camera topic {cams[0].topic} has no messages")
+        episodes = [{"start_ns": cams[0].times[0], "stop_ns": cams[0].times[-1], "instruction": None}]
+    return streams, episodes
+
+
+def _estimate_fps(stream: _Stream) -> int:
+    if len(stream.times) < 2:
+        raise ValueError(f"cannot estimate fps from {len(stream.times)} message(s) on {stream.topic}; pass --fps")
+    interval = float(np.median(np.diff(np.asarray(stream.times, dtype=np.int64)))) / 1e9
+    if interval <= 0:
+        raise ValueError(f"{stream.topic}: messages share one timestamp; pass --fps")
+    return max(1, int(round(1.0 / interval)))
+
+
+def convert_bags(bags: list[Path], out: Path, cfg: BagConversionConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Convert ``bags`` into one LeRobot v3.0 dataset at ``out``; returns a summary."""
+    from tqdm import tqdm
+
+    if not bags:
+        raise ValueError("give at least one bag")
+    writer: LeRobotDatasetWriter | None = None
+    fps = cfg.fps
+    summary: dict[str, Any] = {"bags": [str(b) for b in bags], "episodes": 0, "frames": 0, "skipped_episodes": 0}
+    for bag in bags:
+        streams, episodes = _read_bag(Path(bag), cfg)
+        cams = [streams[t] for t in cfg.camera_topics]
+        if fps is None:
+            fps = _estimate_fps(cams[0])
+            log.info("fps estimated from %s: %d", cams[0].topic, fps)
+        step = 1_000_000_000 / fps
+        for ep in tqdm(episodes, desc=f"{Path(bag).name}", unit="episode", leave=False):
+            if cfg.only_successful and not ep.get("success", False):
+                summary["skipped_episodes"] += 1
+                continue
+            lo, hi = int(ep["start_ns"]), int(ep["stop_ns"])
+            cam_times = [np.asarray(c.times, dtype=np.int64) for c in cams]
+            inside = [t[(t >= lo) & (t <= hi)] for t in cam_times]
+            if any(len(t) == 0 for t in inside):
+                log.warning("%s: episode %s has no images on some camera; skipped", bag, ep.get("episode_index"))
+                summary["skipped_episodes"] += 1
+                continue
+            t0, t1 = max(int(t[0]) for t in inside), min(int(t[-1]) for t in inside)
+            grid = (t0 + np.arange(int(np.floor((t1 - t0) / step + 1e-6)) + 1) * step).round().astype(np.int64)
+            action_stream = streams[cfg.action_topic]
+            if not action_stream.values:
+                raise ValueError(f"{bag}: action topic {cfg.action_topic} has no messages")
+            actions = _align_vectors(action_stream, grid, cfg.alignment)
+            states = _align_vectors(streams[cfg.state_topic], grid, cfg.alignment) if cfg.state_topic else None
+            tasks = _tasks_for(grid, streams.get(cfg.instruction_topic) if cfg.instruction_topic else None, ep, cfg)
+            images = {}
+            for cam, times in zip(cams, cam_times):
+                idx = _nearest(times, grid)
+                images[camera_key(cam.topic)] = [decode_image(cam.values[i], cam.msgtype) for i in idx]
+            if writer is None:
+                features: dict[str, dict[str, Any]] = {
+                    key: {"dtype": "video", "shape": list(frames[0].shape)} for key, frames in images.items()
+                }
+                if states is not None:
+                    features["observation.state"] = {
+                        "dtype": "float32",
+                        "shape": [states.shape[1]],
+                        "names": streams[cfg.state_topic].names,
+                    }
+                features["action"] = {"dtype": "float32", "shape": [actions.shape[1]], "names": action_stream.names}
+                writer = LeRobotDatasetWriter(
+                    out, fps=fps, features=features, robot_type=cfg.robot_type, overwrite=overwrite
+                )
+            for k in range(len(grid)):
+                frame = {key: frames[k] for key, frames in images.items()}
+                frame["action"] = actions[k]
+                if states is not None:
+                    frame["observation.state"] = states[k]
+                frame["task"] = tasks[k]
+                writer.add_frame(frame)
+            writer.save_episode(
+                extra={
+                    "success": bool(ep.get("success", False)),
+                    "notes": "\n".join(ep.get("notes") or []),
+                    "source_bag": Path(bag).name,
+                    "source_start_ns": int(grid[0]),
+                    **cfg.extra_episode_info,
+                }
+            )
+            summary["episodes"] += 1
+            summary["frames"] += len(grid)
+    if writer is None:
+        raise ValueError("no episode with images was found in the bag(s); nothing written")
+    writer.finalize()
+    summary.update({"out": str(out), "fps": fps})
+    return summary
+
+
+def _tasks_for(
+    grid: np.ndarray, instructions: _Stream | None, episode: dict[str, Any], cfg: BagConversionConfig
+) -> list[str]:
+    fallback = episode.get("instruction") or cfg.default_task
+    out: list[str] = []
+    times = np.asarray(instructions.times, dtype=np.int64) if instructions and instructions.times else None
+    for t in grid:
+        task = None
+        if times is not None:
+            i = int(np.searchsorted(times, t, side="right")) - 1
+            if i >= 0:
+                task = instructions.values[i]
+        task = task or fallback
+        if not task:
+            raise ValueError(
+                "a frame has no instruction: the bag has no instruction before it and no episode instruction; "
+                "pass --instruction-topic or --task"
+            )
+        out.append(task)
+    return out
