@@ -1,0 +1,385 @@
+"""The OmniStream VLA policy (VLM4VLA recipe), rclpy-free, in LeRobot's policy shape.
+
+    frozen OmniStream backbone -> per frame 2x2 average-pooled patch tokens -> MLP projector -> visual embeddings
+    prompt ids -> Qwen2 text embeddings;  [prompt | visual | prompt with instruction | action query] -> Qwen2 (base
+    model, no LM head) -> last hidden state at the action query -> MLP action head -> arm (tanh, 6) + gripper
+    logit (1) for a chunk of N steps.
+
+Observation / batch keys (one frame per sample, no history, as in the recipe). For each camera ``cam`` of
+``config.cameras`` exactly one of (checked in this order):
+
+* ``observation.features.<cam>``:     (B, n, D_v) float, already pooled patch tokens (n = config.tokens_per_camera
+                                        for the configured image size; any n works)
+* ``observation.patch_tokens.<cam>``: (B, h, w, D_v) float, the backbone's patch grid of the frame (what
+                                        StreamFeatures carries); pooled here
+* ``observation.images.<cam>``:       (B, 3, H, W) float in [0, 1] or uint8 (B, H, W, 3); the policy runs the
+                                        frozen backbone itself (loaded from ``config.backbone``)
+
+and ``task`` (list of B strings; ``instruction`` is accepted too). Training batches (``forward``) add
+``action``: (B, chunk_size, 7) float in the DATASET's units (arm dims normalised here with the saved statistics;
+gripper +1 open / -1 close) and optionally ``action_is_pad``: (B, chunk_size) bool (steps past an episode's end,
+left out of the loss). Optimiser groups for finetuning: ``policy.parameter_groups()`` (projector lr 1e-4, the
+rest 2e-5; the backbone is frozen and not in any group).
+
+Outputs (``predict_action_chunk``/``select_action``) are in the dataset's units: arm unnormalised with the saved
+statistics, gripper exactly +1 or -1. Environment conventions are converted by the caller
+(``omnistream_sim.conventions``), never here.
+"""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..normalization import ActionNormalizer
+from .configuration_omnistream_vla import OmniStreamVLAConfig
+from .processor_omnistream_vla import OmniStreamVLAProcessor, load_tokenizer
+
+WEIGHTS_FILE = "policy.safetensors"
+LLM_DIR = "llm"
+BACKBONE_DIR = "backbone"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class ActionHead(nn.Module):
+    """Linear(D, D/2), ReLU, Linear(D/2, trunk) -> arm branch (tanh) and gripper branch (logits)."""
+
+    def __init__(self, config: OmniStreamVLAConfig, llm_hidden: int) -> None:
+        super().__init__()
+        self.chunk_size = config.chunk_size
+        self.arm_dims = config.arm_dims
+        self.gripper_dims = config.gripper_dims
+        self.trunk = nn.Sequential(
+            nn.Linear(llm_hidden, llm_hidden // 2), nn.ReLU(), nn.Linear(llm_hidden // 2, config.head_trunk_dim)
+        )
+        branch = [config.head_trunk_dim, *config.head_branch_dims]
+        self.arm = _mlp([*branch, config.chunk_size * config.arm_dims])
+        self.gripper = _mlp([*branch, config.chunk_size * config.gripper_dims])
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.trunk(hidden)
+        arm = torch.tanh(self.arm(x)).view(-1, self.chunk_size, self.arm_dims)
+        gripper_logits = self.gripper(x).view(-1, self.chunk_size, self.gripper_dims)
+        return arm, gripper_logits
+
+
+class VisualProjector(nn.Module):
+    """Backbone width -> LLM width (two layers with GELU, as in LLaVA-style VLMs)."""
+
+    def __init__(self, vision_hidden: int, llm_hidden: int, hidden: int | None = None) -> None:
+        super().__init__()
+        hidden = hidden or llm_hidden
+        self.net = nn.Sequential(nn.Linear(vision_hidden, hidden), nn.GELU(), nn.Linear(hidden, llm_hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def build_llm(config: OmniStreamVLAConfig, directory: str | Path | None = None, random_weights: bool = False):
+    """The Qwen2ForCausalLM of the policy: tiny random (debug), saved weights, or a Qwen2.5 hub id/directory."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dtype = _DTYPES[config.llm_dtype]
+    if config.llm == "debug" or random_weights:
+        llm_config = Qwen2Config(**config.llm_config)
+        llm_config._attn_implementation = "sdpa"
+        return Qwen2ForCausalLM(llm_config).to(dtype)
+    source = Path(directory) / LLM_DIR if config.llm == "weights" else config.llm
+    if config.llm == "weights" and not Path(source).is_dir():
+        raise FileNotFoundError(f"the policy's LLM weights are missing: {source}")
+    return Qwen2ForCausalLM.from_pretrained(str(source), dtype=dtype, attn_implementation="sdpa")
+
+
+class OmniStreamVLAPolicy(nn.Module):
+    name = "omnistream_vla"
+
+    def __init__(
+        self,
+        config: OmniStreamVLAConfig,
+        llm: nn.Module | None = None,
+        tokenizer=None,
+        normalizer: ActionNormalizer | None = None,
+        backbone: nn.Module | None = None,
+        directory: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.directory = Path(directory) if directory is not None else None
+        self.llm = llm if llm is not None else build_llm(config, directory)
+        llm_hidden = self.llm.config.hidden_size
+        self.processor = OmniStreamVLAProcessor(
+            config, tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer, directory)
+        )
+        vocab = self.llm.get_input_embeddings().num_embeddings
+        if self.processor.vocab_size > vocab:
+            raise ValueError(f"the tokenizer has {self.processor.vocab_size} ids but the LLM only {vocab} embeddings")
+        self.projector = VisualProjector(config.vision_hidden_size, llm_hidden, config.projector_hidden_size)
+        # Appended last to every prompt; initialised to zeros as in the recipe.
+        self.action_query = nn.Parameter(torch.zeros(llm_hidden))
+        self.action_head = ActionHead(config, llm_hidden)
+        self.normalizer = normalizer or ActionNormalizer.identity(config.arm_dims)
+        if backbone is not None:
+            self.set_backbone(backbone)
+        else:
+            self.backbone = None
+        self._queue: collections.deque[torch.Tensor] = collections.deque()
+
+    # ------------------------------------------------------------------------------------------------------
+    # Construction, saving, loading
+    @classmethod
+    def from_config(cls, config: OmniStreamVLAConfig, **kwargs: Any) -> OmniStreamVLAPolicy:
+        return cls(config, **kwargs)
+
+    def save_pretrained(self, directory: str | Path, save_llm: bool = True) -> None:
+        """config.json, policy.safetensors (projector, query, head), normalization.safetensors, tokenizer.json,
+        and ``llm/`` (safetensors) unless ``save_llm=False`` with a hub id/directory reference."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        config = OmniStreamVLAConfig.from_dict(self.config.to_dict())
+        if save_llm or config.llm in ("debug", "weights"):
+            self.llm.save_pretrained(str(out / LLM_DIR), safe_serialization=True)
+            config.llm = "weights"
+        config.tokenizer = "saved"
+        if self.backbone is not None:
+            source = self.backbone_source()
+            if source is None or not (out / BACKBONE_DIR).is_dir():
+                self.backbone.save_pretrained(out / BACKBONE_DIR)
+            config.backbone = BACKBONE_DIR
+        config.normalization_mode = self.normalizer.mode
+        config.save(out)
+        self.processor.save(out)
+        self.normalizer.save(out)
+        state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        state.update({f"action_head.{k}": v for k, v in self.action_head.state_dict().items()})
+        state["action_query"] = self.action_query.detach()
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(out / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> OmniStreamVLAPolicy:
+        """Loads what ``save_pretrained`` wrote. The backbone is loaded lazily, on the first raw image."""
+        directory = Path(directory)
+        config = OmniStreamVLAConfig.load(directory)
+        normalizer = ActionNormalizer.load(directory) if (directory / "normalization.safetensors").is_file() else None
+        policy = cls(config, normalizer=normalizer, directory=directory)
+        weights_path = directory / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
+        state = load_file(str(weights_path))
+        policy.action_query.data.copy_(state.pop("action_query"))
+        projector = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
+        head = {k.removeprefix("action_head."): v for k, v in state.items() if k.startswith("action_head.")}
+        policy.projector.load_state_dict(projector)
+        policy.action_head.load_state_dict(head)
+        return policy.to(device).eval()
+
+    def backbone_source(self) -> str | None:
+        """Where the backbone comes from: a directory (relative to the policy directory) or a hub id."""
+        source = self.config.backbone
+        if source is None:
+            return None
+        if self.directory is not None and (self.directory / source).is_dir():
+            return str(self.directory / source)
+        return source
+
+    def set_backbone(self, backbone: nn.Module) -> None:
+        """Attaches a frozen backbone (used for raw images)."""
+        if backbone.config.hidden_size != self.config.vision_hidden_size:
+            raise ValueError(
+                f"the backbone's width {backbone.config.hidden_size} != config.vision_hidden_size "
+                f"{self.config.vision_hidden_size}"
+            )
+        backbone.requires_grad_(False)
+        backbone.eval()
+        self.backbone = backbone
+
+    def _ensure_backbone(self) -> nn.Module:
+        if self.backbone is None:
+            source = self.backbone_source()
+            if source is None:
+                raise ValueError("raw images need a backbone, but config.backbone is None; pass features instead")
+            from omnistream_perception.model import OmniStreamModel
+
+            self.set_backbone(OmniStreamModel.from_pretrained(source, device=self.action_query.device))
+        return self.backbone
+
+    def train(self, mode: bool = True) -> OmniStreamVLAPolicy:
+        super().train(mode)
+        if self.backbone is not None:
+            self.backbone.eval()  # frozen: no dropout/statistics updates, whatever the policy's mode
+        return self
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser groups of the recipe: projector at ``config.projector_lr``; LLM (with text embeddings),
+        action query and head at ``config.lr``. The frozen backbone is in none."""
+        projector = [p for p in self.projector.parameters() if p.requires_grad]
+        rest = [p for m in (self.llm, self.action_head) for p in m.parameters() if p.requires_grad]
+        rest.append(self.action_query)
+        return [
+            {"params": projector, "lr": self.config.projector_lr, "name": "projector"},
+            {"params": rest, "lr": self.config.lr, "name": "llm_and_head"},
+        ]
+
+    # ------------------------------------------------------------------------------------------------------
+    # The network
+    @staticmethod
+    def instructions_of(batch: dict[str, Any]) -> list[str]:
+        task = batch.get("task", batch.get("instruction"))
+        if task is None:
+            raise ValueError("the observation needs 'task' (list of instructions, one per sample)")
+        return [task] if isinstance(task, str) else list(task)
+
+    def visual_features(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """One (B, n, D_v) float tensor of pooled patch tokens per camera (see the module doc for the keys)."""
+        device = self.action_query.device
+        per_camera = []
+        for cam in self.config.cameras:
+            if f"observation.features.{cam}" in batch:
+                tokens = torch.as_tensor(batch[f"observation.features.{cam}"]).to(device, torch.float32)
+                if tokens.ndim != 3 or tokens.shape[-1] != self.config.vision_hidden_size:
+                    raise ValueError(
+                        f"observation.features.{cam} must be (B, n, {self.config.vision_hidden_size}), "
+                        f"got {tuple(tokens.shape)}"
+                    )
+            elif f"observation.patch_tokens.{cam}" in batch:
+                grid = torch.as_tensor(batch[f"observation.patch_tokens.{cam}"]).to(device, torch.float32)
+                tokens = self.processor.pool_patch_tokens(grid)
+            elif f"observation.images.{cam}" in batch:
+                tokens = self.encode_images(batch[f"observation.images.{cam}"])
+            else:
+                raise ValueError(
+                    f"camera {cam!r}: the observation needs observation.features.{cam}, "
+                    f"observation.patch_tokens.{cam} or observation.images.{cam}"
+                )
+            per_camera.append(tokens)
+        return per_camera
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        """Raw images -> frozen backbone (one frame, no history) -> pooled patch tokens (B, n, D_v)."""
+        backbone = self._ensure_backbone()
+        pixels = self.processor.preprocess_images(images).to(self.action_query.device)
+        out = backbone(pixels.unsqueeze(1).to(next(backbone.parameters()).dtype), output_hidden_states=False)
+        h, w = out.grid_size
+        grid = out.last_hidden_state[:, 0].reshape(pixels.shape[0], h, w, -1)
+        return self.processor.pool_patch_tokens(grid)
+
+    def build_inputs(
+        self, visual: list[torch.Tensor], instructions: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[prefix | cam0 | sep | cam1 ... | suffix(instruction) | action query], LEFT-padded.
+
+        Position ids come from the attention mask (first real token = 0), so every real token, the action
+        query included, sees exactly what it would see alone: the action does not depend on padding.
+        """
+        batch_size = visual[0].shape[0]
+        if len(instructions) != batch_size:
+            raise ValueError(f"{len(instructions)} instructions for a batch of {batch_size}")
+        embed = self.llm.get_input_embeddings()
+        device, dtype = embed.weight.device, embed.weight.dtype
+        projected = [self.projector(v).to(dtype) for v in visual]
+        query = self.action_query.to(dtype).view(1, -1)
+
+        def ids_embedding(ids: tuple[int, ...]) -> torch.Tensor:
+            return embed(torch.tensor(ids, dtype=torch.long, device=device))
+
+        prompts = [self.processor.encode_instruction(text) for text in instructions]
+        # Shared pieces embedded once per batch.
+        prefix = ids_embedding(prompts[0].prefix)
+        separator = ids_embedding(prompts[0].camera_separator) if len(projected) > 1 else None
+        sequences = []
+        for i, prompt in enumerate(prompts):
+            parts = [prefix]
+            for c, cam_tokens in enumerate(projected):
+                if c:
+                    parts.append(separator)
+                parts.append(cam_tokens[i])
+            parts += [ids_embedding(prompt.suffix), query]
+            sequences.append(torch.cat(parts, dim=0))
+        length = max(s.shape[0] for s in sequences)
+        width = sequences[0].shape[-1]
+        inputs = torch.zeros(batch_size, length, width, device=device, dtype=dtype)
+        mask = torch.zeros(batch_size, length, device=device, dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            inputs[i, length - seq.shape[0] :] = seq
+            mask[i, length - seq.shape[0] :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        return inputs, mask, position_ids
+
+    def query_hidden_state(self, batch: dict[str, Any]) -> torch.Tensor:
+        inputs, mask, position_ids = self.build_inputs(self.visual_features(batch), self.instructions_of(batch))
+        out = self.llm.model(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state[:, -1].float()  # the action query is last in every row (left padding)
+
+    def predict_normalized(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(arm in [-1, 1] (B, chunk, 6), gripper logits (B, chunk, 1))."""
+        return self.action_head(self.query_hidden_state(batch))
+
+    # ------------------------------------------------------------------------------------------------------
+    # LeRobot's policy interface
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Training loss: Huber(delta) on the normalised arm dims + gripper_loss_weight x BCE on the gripper."""
+        if "action" not in batch:
+            raise ValueError("a training batch needs 'action' (B, chunk_size, 7) in the dataset's units")
+        arm_pred, gripper_logits = self.predict_normalized(batch)
+        action = torch.as_tensor(batch["action"]).to(arm_pred.device, torch.float32)
+        expected = (arm_pred.shape[0], self.config.chunk_size, self.config.action_dims)
+        if tuple(action.shape) != expected:
+            raise ValueError(f"'action' must be {expected} (batch, chunk_size, arm+gripper), got {tuple(action.shape)}")
+        target = self.normalizer.normalize(action)
+        arm_target = target[..., : self.config.arm_dims]
+        gripper_target = (target[..., self.config.arm_dims :] > 0).float()  # +1 open -> 1, -1 close -> 0
+        valid = torch.ones(action.shape[:2], device=action.device)
+        if batch.get("action_is_pad") is not None:
+            valid = (~torch.as_tensor(batch["action_is_pad"]).to(action.device).bool()).float()
+        denom = valid.sum().clamp_min(1.0)
+        arm_loss = F.huber_loss(arm_pred, arm_target, delta=self.config.huber_delta, reduction="none").mean(-1)
+        arm_loss = (arm_loss * valid).sum() / denom
+        bce = F.binary_cross_entropy_with_logits(gripper_logits, gripper_target, reduction="none").mean(-1)
+        gripper_loss = (bce * valid).sum() / denom
+        loss = arm_loss + self.config.gripper_loss_weight * gripper_loss
+        accuracy = (((gripper_logits > 0).float() == gripper_target).float().mean(-1) * valid).sum() / denom
+        info = {
+            "loss_arm": float(arm_loss.detach()),
+            "loss_gripper": float(gripper_loss.detach()),
+            "gripper_accuracy": float(accuracy.detach()),
+        }
+        return loss, info
+
+    @torch.no_grad()
+    def predict_action_chunk(self, observation: dict[str, Any], normalized: bool = False) -> torch.Tensor:
+        """(B, chunk_size, 7): arm in the dataset's units (or [-1, 1] with ``normalized=True``), gripper +-1."""
+        arm, gripper_logits = self.predict_normalized(observation)
+        gripper = torch.where(gripper_logits > 0, 1.0, -1.0)
+        chunk = torch.cat([arm, gripper], dim=-1)
+        return chunk if normalized else self.normalizer.unnormalize(chunk)
+
+    @torch.no_grad()
+    def select_action(self, observation: dict[str, Any]) -> torch.Tensor:
+        """(B, 7) for this control step; a new chunk is predicted only when the queue of the last one is empty."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(observation)[:, : self.config.actions_per_chunk]
+            self._queue.extend(chunk.transpose(0, 1))  # one (B, 7) entry per step
+        return self._queue.popleft()
+
+    def reset(self) -> None:
+        """Clears the action queue (new episode, new instruction)."""
+        self._queue.clear()
+
+    @property
+    def queued_actions(self) -> int:
+        return len(self._queue)
