@@ -1,0 +1,163 @@
+"""The one rollout loop every environment uses.
+
+Per episode: ``policy.reset()``; then per control step ``policy.select_action(obs)`` -> an action or a chunk
+``(k, 7)`` of actions -> the explicit action-convention conversion (``convert``, from
+``omnistream_sim.conventions``; identity when policy and environment speak the same convention) -> every action
+of the chunk is executed (open loop) unless the episode ends first -> success check (the environment's
+``step`` reports it). Frames of one camera are kept for the video of the first K episodes.
+
+An environment for this loop needs ``step(action) -> (obs, success: bool, done: bool, info)``; the tabletop's
+``TabletopEnv`` is one; CALVIN and SimplerEnv wrap theirs to the same shape.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .policy import Policy
+
+ActionConverter = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class EpisodeResult:
+    success: bool
+    steps: int
+    frames: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+    policy_seconds: float = 0.0
+
+
+def _as_chunk(action: Any) -> np.ndarray:
+    if hasattr(action, "detach"):  # a torch tensor from an in-process model
+        action = action.detach().cpu().numpy()
+    chunk = np.asarray(action, dtype=np.float32)
+    if chunk.ndim == 1:
+        chunk = chunk[None]
+    if chunk.ndim != 2 or chunk.shape[-1] != 7 or chunk.shape[0] < 1:
+        raise ValueError(f"a policy must return one action (7,) or a chunk (k, 7), got shape {chunk.shape}")
+    if not np.all(np.isfinite(chunk)):
+        raise ValueError(f"the policy returned a non-finite action: {chunk}")
+    return chunk
+
+
+def run_episode(
+    env: Any,
+    policy: Policy,
+    first_observation: dict,
+    *,
+    max_steps: int,
+    convert: ActionConverter | None = None,
+    video_camera: str | None = None,
+) -> EpisodeResult:
+    """Run one episode from ``first_observation`` (already reset) until success, ``done`` or ``max_steps``."""
+    start = time.perf_counter()
+    policy.reset()
+    obs = first_observation
+    frames: list[np.ndarray] = []
+    if video_camera is not None:
+        frames.append(obs["images"][video_camera])
+    steps, success, done, policy_seconds = 0, False, False, 0.0
+    while steps < max_steps and not done:
+        t = time.perf_counter()
+        chunk = _as_chunk(policy.select_action(obs))
+        policy_seconds += time.perf_counter() - t
+        for action in chunk:
+            env_action = convert(action) if convert is not None else action
+            obs, success, done, _ = env.step(env_action)
+            steps += 1
+            if video_camera is not None:
+                frames.append(obs["images"][video_camera])
+            if done or steps >= max_steps:
+                break
+    return EpisodeResult(bool(success), steps, frames, time.perf_counter() - start, policy_seconds)
+
+
+def evaluate_tabletop(
+    policy: Policy,
+    *,
+    episodes: int,
+    out_dir: str | Path | None,
+    seed: int = 100_000,
+    tasks: str | tuple[str, ...] = "all",
+    config: Any = None,
+    videos: int = 1,
+    policy_name: str = "policy",
+    swap_instructions: bool = False,
+    episode_offset: int = 0,
+    progress: bool = True,
+    convert: ActionConverter | None = None,
+    needs_images: bool | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``policy`` on the tabletop; episode ``i`` uses seed ``seed + i`` and task ``tasks[i % n]``.
+
+    ``swap_instructions``: the policy is shown the instruction of the next task in the list (same scene, other
+    block/verb) while success is judged by the real task; a policy that follows language then fails.
+    ``episode_offset`` selects a shard (episodes ``offset .. offset + episodes - 1``). Writes ``results.json``,
+    ``report.md`` and ``videos/episode_XXXXXX.mp4`` for the first ``videos`` episodes when ``out_dir`` is given.
+    Default tabletop episodes are held out from demonstrations by seed (demonstrations start at seed 0).
+    """
+    from tqdm import tqdm
+
+    from .report import build_results, write_results
+    from .tabletop import TabletopConfig, TabletopEnv
+    from .tabletop.tasks import TASKS, resolve_tasks
+    from .video import write_video
+
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    task_names = resolve_tasks(tasks)
+    if swap_instructions and len(task_names) < 2:
+        raise ValueError("swapping instructions needs at least two tasks")
+    config = config or TabletopConfig()
+    if needs_images is None:
+        needs_images = getattr(policy, "needs_images", True)
+    records: list[dict[str, Any]] = []
+    video_paths: list[str] = []
+    out = Path(out_dir) if out_dir is not None else None
+    start = time.perf_counter()
+    env = TabletopEnv(config)
+    if hasattr(policy, "bind"):  # privileged policies (the scripted expert) read the env they drive
+        policy.bind(env)
+    try:
+        bar = tqdm(range(episode_offset, episode_offset + episodes), desc=f"tabletop/{policy_name}", unit="ep",
+                   disable=not progress)  # fmt: skip
+        for index in bar:
+            task = task_names[index % len(task_names)]
+            shown = TASKS[task_names[(index + 1) % len(task_names)]].instruction() if swap_instructions else None
+            record_video = out is not None and index - episode_offset < videos
+            env.render_images = needs_images or record_video
+            obs = env.reset(seed=seed + index, task=task, instruction=shown)
+            result = run_episode(env, policy, obs, max_steps=config.max_steps, convert=convert,
+                                 video_camera="static" if record_video else None)  # fmt: skip
+            record = {"episode": index, "seed": seed + index, "task": task, "instruction": env.instruction,
+                      "success": result.success, "steps": result.steps, "seconds": round(result.seconds, 3),
+                      "policy_ms_per_step": round(1000 * result.policy_seconds / max(result.steps, 1), 3)}  # fmt: skip
+            records.append(record)
+            if record_video and result.frames:
+                path = write_video(result.frames, out / "videos" / f"episode_{index:06d}_{task}.mp4", fps=15)
+                video_paths.append(str(path.relative_to(out)))
+            bar.set_postfix(success=f"{sum(r['success'] for r in records) / len(records):.2f}")
+    finally:
+        env.close()
+    seconds = time.perf_counter() - start
+    results = build_results(
+        records,
+        env="tabletop",
+        policy=policy_name,
+        seed=seed,
+        tasks=list(task_names),
+        swap_instructions=swap_instructions,
+        seconds=round(seconds, 2),
+        policy_ms_per_step=round(float(np.mean([r["policy_ms_per_step"] for r in records])), 3),
+        videos=video_paths,
+    )
+    if out is not None:
+        write_results(results, out)
+    return results
