@@ -98,7 +98,8 @@ def image_to_rgb(msg: Image) -> np.ndarray:
 def to_rgb(array: np.ndarray, encoding: str) -> np.ndarray:
     """Convert an array in a colour ``encoding`` (see COLOUR_ENCODINGS) to contiguous (H, W, 3) uint8 RGB."""
     if encoding in ("rgb8", "8UC3"):
-        return np.ascontiguousarray(array)
+        # a writable copy: the input is a read-only view of msg.data (torch warns on those, callers may write)
+        return np.array(array, order="C", copy=True)
     if encoding == "bgr8":
         return np.ascontiguousarray(array[..., ::-1])
     if encoding == "rgba8":
