@@ -135,3 +135,47 @@ def test_dinov3_names_initialise_the_backbone():
     assert torch.equal(got["patch_embed.blocks.1.attn.qkv.weight"], dinov3["blocks.1.attn.qkv.weight"])
     assert torch.equal(got["patch_embed.register_token"][:, 1], dinov3["storage_tokens"])
     assert torch.equal(got["patch_embed.post_layernorm.weight"], dinov3["norm.weight"])
+
+
+def test_dinov3_hugging_face_names_and_files_initialise_the_backbone(tmp_path):
+    """The transformers DINOv3 layout (separate q/k/v without key bias, layer_scale lambdas) maps onto ours."""
+    torch.manual_seed(1)
+    src = OmniStreamModel.from_preset("debug")
+    sd = {k.removeprefix("patch_embed."): v for k, v in src.state_dict().items()}
+    d = src.config.hidden_size
+    hf = {
+        "embeddings.cls_token": sd["cls_token"],
+        "embeddings.register_tokens": sd["register_token"][:, 0],
+        "embeddings.mask_token": sd["mask_token"][None],
+        "embeddings.patch_embeddings.weight": sd["patch_embed.proj.weight"],
+        "embeddings.patch_embeddings.bias": sd["patch_embed.proj.bias"],
+        "norm.weight": sd["post_layernorm.weight"],
+        "norm.bias": sd["post_layernorm.bias"],
+    }
+    for i in range(src.config.depth):
+        b, layer = f"blocks.{i}.", f"layer.{i}."
+        q, k, v = sd[b + "attn.qkv.weight"].split(d)
+        qb, _, vb = sd[b + "attn.qkv.bias"].split(d)
+        hf.update({
+            layer + "attention.q_proj.weight": q, layer + "attention.k_proj.weight": k,
+            layer + "attention.v_proj.weight": v, layer + "attention.q_proj.bias": qb,
+            layer + "attention.v_proj.bias": vb,
+            layer + "attention.o_proj.weight": sd[b + "attn.proj.weight"],
+            layer + "attention.o_proj.bias": sd[b + "attn.proj.bias"],
+            layer + "layer_scale1.lambda1": sd[b + "ls1.gamma"], layer + "layer_scale2.lambda1": sd[b + "ls2.gamma"],
+            layer + "mlp.up_proj.weight": sd[b + "mlp.fc1.weight"], layer + "mlp.up_proj.bias": sd[b + "mlp.fc1.bias"],
+            layer + "mlp.down_proj.weight": sd[b + "mlp.fc2.weight"], layer + "mlp.down_proj.bias": sd[b + "mlp.fc2.bias"],
+        })  # fmt: skip
+        for n in ("norm1", "norm2"):
+            hf[layer + n + ".weight"], hf[layer + n + ".bias"] = sd[b + n + ".weight"], sd[b + n + ".bias"]
+    save_file({k: v.contiguous() for k, v in hf.items()}, str(tmp_path / "model.safetensors"))
+    model = OmniStreamModel.from_dinov3(src.config, tmp_path)
+    got = model.state_dict()
+    assert torch.equal(
+        got["patch_embed.blocks.0.attn.qkv.weight"], src.state_dict()["patch_embed.blocks.0.attn.qkv.weight"]
+    )
+    qkv_bias = got["patch_embed.blocks.1.attn.qkv.bias"]
+    assert torch.equal(qkv_bias[d : 2 * d], torch.zeros(d))  # DINOv3 has no key bias
+    assert torch.equal(
+        got["patch_embed.blocks.1.mlp.fc2.weight"], src.state_dict()["patch_embed.blocks.1.mlp.fc2.weight"]
+    )

@@ -210,29 +210,35 @@ class OmniStreamModel(nn.Module):
         return directory
 
     @classmethod
-    def from_dinov3(cls, config: OmniStreamConfig, state_dict: dict[str, torch.Tensor]) -> OmniStreamModel:
-        """Initialises from DINOv3 ViT weights under their original names (for pretraining).
+    def from_dinov3(cls, config: OmniStreamConfig, weights: dict[str, torch.Tensor] | str | Path) -> OmniStreamModel:
+        """Initialises from DINOv3 ViT weights (for pretraining, as the paper does).
 
-        Registers (``storage_tokens``) seed both the first-frame and later-frame register tokens; the
-        camera token and aspect-ratio embedder have no DINOv3 counterpart and keep their random init.
+        ``weights``: a state dict, a ``.safetensors`` file, a directory holding ``model.safetensors`` (the
+        Hugging Face layout) or an original ``.pth`` (read with ``weights_only=True``: tensors only, no code).
+        Both the original DINOv3 names (``storage_tokens``, ``blocks.*``, ``norm``) and the Hugging Face
+        transformers names (``embeddings.*``, ``layer.*``) are understood. Registers seed both the first-frame
+        and later-frame register tokens; the camera token and aspect-ratio embedder keep their random init.
         """
+        state = _read_dinov3_weights(weights) if not isinstance(weights, dict) else dict(weights)
+        if any(k.startswith("embeddings.") for k in state):
+            state = _dinov3_hf_to_original(state, config.depth)
         model = cls(config)
         mapped = {}
-        for name, tensor in state_dict.items():
+        for name, tensor in state.items():
             if name in _DINOV3_IGNORED or name.endswith(".bias_mask") or name.startswith(("head", "local_cls")):
                 continue
             if name == "storage_tokens":
                 mapped["patch_embed.register_token"] = tensor.reshape(1, 1, *tensor.shape[-2:]).repeat(1, 2, 1, 1)
-            elif name == "norm.weight" or name == "norm.bias":
+            elif name in ("norm.weight", "norm.bias"):
                 mapped["patch_embed.post_layernorm." + name.split(".")[1]] = tensor
-            elif name.startswith("patch_embed."):
-                mapped["patch_embed." + name] = tensor
+            elif name == "mask_token":
+                mapped["patch_embed.mask_token"] = tensor.reshape(1, -1)
             else:
                 mapped["patch_embed." + name] = tensor
         own = model.state_dict()
         for key in ("patch_embed.camera_token", "patch_embed.ar_embedder.weight", "patch_embed.ar_embedder.bias"):
             mapped.setdefault(key, own[key])
-        load_state_dict_strict(model, mapped, source="DINOv3 state dict")
+        load_state_dict_strict(model, mapped, source="DINOv3 weights")
         return model
 
     # -- shapes ---------------------------------------------------------------------------------------
@@ -387,6 +393,47 @@ class OmniStreamModel(nn.Module):
 # helpers
 # ------------------------------------------------------------------------------------------------------
 _DINOV3_IGNORED = {"rope_embed.periods", "mask_token_dummy"}
+
+
+def _read_dinov3_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    if path.suffix in (".pth", ".pt"):
+        return torch.load(path, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: expected a .safetensors file, a directory with {WEIGHTS_NAME}, or a DINOv3 .pth")
+
+
+def _dinov3_hf_to_original(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Hugging Face ``DINOv3ViTModel`` names -> the original DINOv3 names (q/k/v fused, no key bias there)."""
+    out = {
+        "cls_token": state["embeddings.cls_token"],
+        "storage_tokens": state["embeddings.register_tokens"],
+        "mask_token": state["embeddings.mask_token"],
+        "patch_embed.proj.weight": state["embeddings.patch_embeddings.weight"],
+        "patch_embed.proj.bias": state["embeddings.patch_embeddings.bias"],
+        "norm.weight": state["norm.weight"],
+        "norm.bias": state["norm.bias"],
+    }
+    for i in range(depth):
+        src, dst = f"layer.{i}.", f"blocks.{i}."
+        att = src + "attention."
+        q, k, v = (state[att + f"{n}_proj.weight"] for n in "qkv")
+        out[dst + "attn.qkv.weight"] = torch.cat([q, k, v])
+        biases = [state.get(att + f"{n}_proj.bias", torch.zeros(q.shape[0], dtype=q.dtype)) for n in "qkv"]
+        out[dst + "attn.qkv.bias"] = torch.cat(biases)
+        out[dst + "attn.proj.weight"] = state[att + "o_proj.weight"]
+        out[dst + "attn.proj.bias"] = state[att + "o_proj.bias"]
+        for n in ("norm1", "norm2"):
+            out[dst + n + ".weight"], out[dst + n + ".bias"] = state[src + n + ".weight"], state[src + n + ".bias"]
+        out[dst + "ls1.gamma"] = state[src + "layer_scale1.lambda1"]
+        out[dst + "ls2.gamma"] = state[src + "layer_scale2.lambda1"]
+        for ours, theirs in (("fc1", "up_proj"), ("fc2", "down_proj")):
+            out[dst + f"mlp.{ours}.weight"] = state[src + f"mlp.{theirs}.weight"]
+            out[dst + f"mlp.{ours}.bias"] = state[src + f"mlp.{theirs}.bias"]
+    return out
 
 
 def frame_causal_mask(num_frames: int, tokens_per_frame: int, device) -> torch.Tensor:
