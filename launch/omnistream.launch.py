@@ -38,6 +38,7 @@ def generate_launch_description():
                 executable="vla_node",
                 name="vla_node",
                 parameters=[LaunchConfiguration("vla_params_file")],
+                remappings=[("features", "/perception_node/features")],
                 output="screen",
             ),
         ]

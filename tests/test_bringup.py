@@ -1,0 +1,193 @@
+"""Launch-file wiring without ``ros2 launch``: the nodes each launch file declares, run in one process with its
+params YAML (the same arguments ``ros2 launch`` would pass), and ``omnistream bringup``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+rclpy = pytest.importorskip("rclpy", reason="rclpy is not installed (make setup)")
+
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
+from test_perception_node import wait_for  # noqa: E402
+
+from omnistream_msgs.msg import StreamFeatures  # noqa: E402
+from omnistream_perception.bringup import REPO_ROOT, create_nodes, default_launch_file, load_launch_file  # noqa: E402
+from omnistream_perception.perception_node import PARAMETERS, PerceptionNode, validate_parameter  # noqa: E402
+from omnistream_perception.ros_image import rgb_to_image  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+PERCEPTION_YAML = REPO_ROOT / "ros2_ws/src/omnistream_perception/config/perception.yaml"
+VLA_YAML = REPO_ROOT / "ros2_ws/src/omnistream_vla/config/vla.yaml"
+
+
+@pytest.fixture
+def ros_context():
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    yield context
+    rclpy.try_shutdown(context=context)
+
+
+def _spin(nodes, context):
+    executor = MultiThreadedExecutor(context=context)
+    for node in nodes:
+        executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    return executor, thread
+
+
+def _image(sec: int) -> Image:
+    msg = rgb_to_image(np.random.default_rng(sec).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    msg.header.stamp.sec = sec
+    return msg
+
+
+def test_launch_files_declare_the_nodes_and_params_files():
+    (perception,) = load_launch_file(default_launch_file(with_vla=False), {"image": "/cam/image_raw"})
+    assert (perception.package, perception.executable, perception.name) == (
+        "omnistream_perception",
+        "perception_node",
+        "perception_node",
+    )
+    assert [Path(p) for p in perception.parameters] == [PERCEPTION_YAML]
+    assert ("image", "/cam/image_raw") in perception.remappings
+    assert ("image/compressed", "/cam/image_raw/compressed") in perception.remappings
+
+    names = [(d.package, d.executable) for d in load_launch_file(default_launch_file(with_vla=True))]
+    assert names == [("omnistream_perception", "perception_node"), ("omnistream_vla", "vla_node")]
+    vla = load_launch_file(default_launch_file(with_vla=True))[1]
+    assert [Path(p) for p in vla.parameters] == [VLA_YAML]
+    assert ("features", "/perception_node/features") in vla.remappings
+    with pytest.raises(ValueError, match="no launch argument"):
+        load_launch_file(default_launch_file(with_vla=False), {"imagee": "/typo"})
+
+
+def test_params_yaml_documents_valid_values_for_declared_parameters():
+    data = yaml.safe_load(PERCEPTION_YAML.read_text())
+    assert list(data) == ["/**/perception_node"]  # matches the node in any namespace
+    params = data["/**/perception_node"]["ros__parameters"]
+    assert set(params) <= set(PARAMETERS), f"unknown parameters in the YAML: {set(params) - set(PARAMETERS)}"
+    for name, value in params.items():
+        assert validate_parameter(name, value) is None, name
+        assert type(value) is type(PARAMETERS[name].default), f"{name}: YAML type differs from the declaration"
+
+
+def test_perception_launch_runs_in_one_process_with_its_params(ros_context, fixture_a, tmp_path):
+    extra = tmp_path / "site.yaml"  # a site file layered over the launch file's YAML, as `--params` does
+    extra.write_text(yaml.safe_dump({"/**/perception_node": {"ros__parameters": {"feature_dtype": "float32"}}}))
+    declarations = load_launch_file(default_launch_file(with_vla=False), {"image": "/cam/image_raw"})
+    (node,) = create_nodes(
+        declarations,
+        context=ros_context,
+        extra_params_files=[str(extra)],
+        overrides={"perception_node": {"checkpoint": str(fixture_a), "points_stride": 3}},
+    )
+    assert isinstance(node, PerceptionNode)
+    assert node.get_parameter("feature_dtype").value == "float32"  # from the extra params file
+    assert node.get_parameter("points_stride").value == 3  # from the override
+    assert node.get_parameter("world_frame_id").value == "omnistream_world"  # from the launch file's YAML
+    tester = rclpy.create_node("bringup_tester", context=ros_context)
+    executor, thread = _spin([node, tester], ros_context)
+    try:
+        features: list = []
+        tester.create_subscription(StreamFeatures, "/perception_node/features", features.append, 10)
+        pub = tester.create_publisher(Image, "/cam/image_raw", 10)  # the remapped camera topic
+        wait_for(
+            lambda: (
+                pub.get_subscription_count() > 0
+                and node.cameras["camera"].publishers["features"].get_subscription_count() > 0
+            )
+        )
+        pub.publish(_image(42))
+        wait_for(lambda: len(features) == 1, what="features through the launch wiring")
+        assert features[0].dtype == "float32" and features[0].header.stamp.sec == 42
+    finally:
+        executor.shutdown()
+        thread.join(timeout=5)
+        node.destroy_node()
+        tester.destroy_node()
+
+
+def test_omnistream_launch_runs_perception_and_vla_in_one_process(ros_context, fixture_a, tmp_path):
+    if not VLA_YAML.is_file():
+        pytest.skip(f"{VLA_YAML.relative_to(REPO_ROOT)} is not in this checkout yet (written by the VLA work)")
+    import torch
+    from std_msgs.msg import String
+
+    from omnistream_msgs.msg import EndEffectorAction
+    from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy
+
+    torch.manual_seed(0)
+    policy_dir = tmp_path / "policy"
+    OmniStreamVLAPolicy(OmniStreamVLAConfig.preset("debug", backbone=None)).save_pretrained(policy_dir)
+    nodes = create_nodes(
+        load_launch_file(default_launch_file(with_vla=True)),
+        context=ros_context,
+        overrides={"perception_node": {"checkpoint": str(fixture_a)}, "vla_node": {"policy": str(policy_dir)}},
+    )
+    tester = rclpy.create_node("bringup_vla_tester", context=ros_context)
+    executor, thread = _spin([*nodes, tester], ros_context)
+    try:
+        actions: list = []
+        tester.create_subscription(EndEffectorAction, "/vla_node/action", actions.append, 10)
+        from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+
+        instruction_qos = QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
+        )
+        tester.create_publisher(String, "/instruction", instruction_qos).publish(String(data="pick up the cube"))
+        pub = tester.create_publisher(Image, "/image", 10)
+        wait_for(lambda: pub.get_subscription_count() > 0)
+        for sec in range(1, 40):  # a 20 Hz camera for up to ~2 s
+            pub.publish(_image(sec))
+            if any(not a.stop for a in actions):
+                break
+            threading.Event().wait(0.05)
+        wait_for(lambda: any(not a.stop for a in actions), what="an action computed from the perception features")
+        assert nodes[0].cameras["camera"].stats.counts["processed"] >= 1
+    finally:
+        executor.shutdown()
+        thread.join(timeout=5)
+        for node in nodes:
+            node.destroy_node()
+        tester.destroy_node()
+
+
+def test_cli_bringup_runs_the_perception_launch_file(fixture_a):
+    result = subprocess.run(
+        [sys.executable, "-m", "omnistream_cli.main", "bringup", "--checkpoint", str(fixture_a), "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "started omnistream_perception/perception_node as perception_node" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "nobody.x=1"], "unknown node"),
+        (["--set", "no_dot=1"], "NODE.PARAM=VALUE"),
+        (["--arg", "imagee:=/typo"], "no launch argument"),
+        (["--params", "missing.yaml"], "--params file not found"),
+        (["--launch", "missing.launch.py"], "launch file not found"),
+    ],
+)
+def test_cli_bringup_bad_input_is_a_clear_error(argv, message, capsys):
+    from omnistream_cli.main import main
+
+    assert main(["bringup", *argv]) == 2
+    assert message in capsys.readouterr().err
