@@ -1,0 +1,177 @@
+"""Configurations of the three training commands, with named presets (``debug`` for tests, ``demo`` for
+``make demo`` on 2 CPU cores, ``paper`` for the published recipe's hyper-parameters).
+
+Each config is a dataclass; ``from_preset(name, **overrides)`` builds one, ``to_dict``/``from_dict`` round
+trip through the JSON written into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .captioning import CaptionerConfig
+
+
+def _apply(config, overrides: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(config)}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ValueError(f"{type(config).__name__} has no field {key!r}; fields: {sorted(names)}")
+        setattr(config, key, value)
+    return config
+
+
+@dataclass
+class PretrainConfig:
+    # backbone: a preset name (random init) or a checkpoint directory / hub id to start from (paper: DINOv3)
+    backbone: str = "debug"
+    backbone_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden_size": 128, "depth": 4}
+    heads_size: str = "auto"  # GeometryHeadsConfig.for_backbone size
+    # objectives (each can be switched off: the paper's ablations)
+    ssl_images: bool = True
+    ssl_videos: bool = True
+    geometry: bool = True
+    captioning: bool = True
+    gram: bool = True
+    lambda_ssl: float = 0.1
+    lambda_geo: float = 1.0
+    lambda_cap: float = 1.0
+    koleo_weight: float = 0.1
+    depth_alpha: float = 0.2
+    # self-distillation
+    prototypes: int = 256
+    head_hidden: int = 256
+    head_bottleneck: int = 64
+    local_crops: int = 2
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.1, 0.4)
+    ema_momentum: float = 0.992  # cosine ramp to 1.0 over training
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.05
+    # resolution stages: [start step, global crop size]; local crops are half the global size (>= 1 patch)
+    stages: list[list[int]] = field(default_factory=lambda: [[0, 224], [60000, 512]])
+    clip_frames: int = 16
+    batch_images: int = 8
+    batch_videos: int = 8
+    batch_geometry: int = 8
+    batch_captions: int = 8
+    rope_rescaling: bool = True
+    # optimisation
+    lr: float = 1e-4
+    warmup_steps: int = 4000
+    min_lr_ratio: float = 0.01
+    max_steps: int = 180000
+    grad_clip: float | None = 3.0
+    # captioning decoder
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
+    # data: None = the built-in scenes (the synthetic stand-in unless a geometry directory is given)
+    images: str | None = None
+    videos: str | None = None
+    geometry_data: str | None = None
+    captions: str | None = None
+    synthetic_sequences: int = 64
+    source_size: int | None = None  # frames are loaded at this size (default: the largest stage)
+    # bookkeeping
+    seed: int = 0
+    save_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 1
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> PretrainConfig:
+        presets: dict[str, dict[str, Any]] = {
+            "paper": dict(backbone="large"),
+            "debug": dict(
+                backbone="debug",
+                heads_size="tiny",
+                prototypes=64,
+                head_hidden=64,
+                head_bottleneck=32,
+                local_crops=1,
+                ema_momentum=0.9,
+                stages=[[0, 32], [12, 48]],
+                clip_frames=3,
+                batch_images=2,
+                batch_videos=2,
+                batch_geometry=2,
+                batch_captions=2,
+                lr=1e-3,
+                warmup_steps=3,
+                max_steps=20,
+                synthetic_sequences=8,
+                save_every=10,
+                captioner=CaptionerConfig(hidden_size=32, layers=1, heads=2, kv_heads=1, max_caption_tokens=64),
+            ),
+            "demo": dict(
+                backbone="debug",
+                backbone_overrides={"hidden_size": 128, "num_attention_heads": 4, "depth": 4},
+                heads_size="tiny",
+                prototypes=128,
+                head_hidden=128,
+                head_bottleneck=64,
+                local_crops=1,
+                ema_momentum=0.98,
+                stages=[[0, 64]],
+                clip_frames=4,
+                batch_images=4,
+                batch_videos=2,
+                batch_geometry=4,
+                batch_captions=4,
+                lr=5e-4,
+                warmup_steps=20,
+                max_steps=300,
+                synthetic_sequences=48,
+                save_every=100,
+                captioner=CaptionerConfig(hidden_size=64, layers=2, heads=4, kv_heads=2, max_caption_tokens=96),
+            ),
+        }
+        if name not in presets:
+            raise ValueError(f"unknown pretraining preset {name!r}; choose one of {sorted(presets)}")
+        return _apply(cls(**presets[name]), overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
+        data = dict(data)
+        data["captioner"] = CaptionerConfig(**data.get("captioner", {}))
+        data["global_crop_scale"] = tuple(data.get("global_crop_scale", (0.4, 1.0)))
+        data["local_crop_scale"] = tuple(data.get("local_crop_scale", (0.1, 0.4)))
+        return cls(**data)
+
+    def stage_size(self, step: int) -> int:
+        size = self.stages[0][1]
+        for start, s in self.stages:
+            if step >= start:
+                size = s
+        return size
+
+    def validate(self, patch_size: int) -> None:
+        if not any([self.ssl_images, self.ssl_videos, self.geometry, self.captioning]):
+            raise ValueError(
+                "every objective is switched off: enable at least one of ssl images/videos, geometry, captioning"
+            )
+        for start, size in self.stages:
+            if size % patch_size or size < 2 * patch_size:
+                raise ValueError(
+                    f"stage size {size} (from step {start}) must be a multiple of {patch_size} and >= {2 * patch_size}"
+                )
+        if self.clip_frames < 1:
+            raise ValueError(f"clip_frames must be >= 1, got {self.clip_frames}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio`` at ``total``."""
+    import math
+
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
