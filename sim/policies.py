@@ -32,6 +32,10 @@ class RandomPolicy:
         self.flip = flip
         self.reset()
 
+    def set_episode_seed(self, episode_seed: int) -> None:
+        """The rollout loop passes each episode's seed, so shards reproduce the same actions as one long run."""
+        self._episode = episode_seed
+
     def reset(self) -> None:
         # A fresh, seeded stream per episode: results do not depend on how many steps earlier episodes took.
         self._rng = np.random.default_rng([self._seed, self._episode])

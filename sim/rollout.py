@@ -134,6 +134,8 @@ def evaluate_tabletop(
             record_video = out is not None and index - episode_offset < videos
             env.render_images = needs_images or record_video
             obs = env.reset(seed=seed + index, task=task, instruction=shown)
+            if hasattr(policy, "set_episode_seed"):  # stochastic policies: per-episode streams, shard-independent
+                policy.set_episode_seed(seed + index)
             result = run_episode(env, policy, obs, max_steps=config.max_steps, convert=convert,
                                  video_camera="static" if record_video else None)  # fmt: skip
             record = {"episode": index, "seed": seed + index, "task": task, "instruction": env.instruction,
