@@ -236,7 +236,9 @@ def convert_bags(bags: list[Path], out: Path, cfg: BagConversionConfig, overwrit
                 summary["skipped_episodes"] += 1
                 continue
             t0, t1 = max(int(t[0]) for t in inside), min(int(t[-1]) for t in inside)
-            grid = (t0 + np.arange(int(np.floor((t1 - t0) / step + 1e-6)) + 1) * step).round().astype(np.int64)
+            # Integer nanoseconds: epoch times do not survive float64 arithmetic exactly.
+            count = int(np.floor((t1 - t0) / step + 1e-6)) + 1
+            grid = t0 + np.round(np.arange(count) * step).astype(np.int64)
             action_stream = streams[cfg.action_topic]
             if not action_stream.values:
                 raise ValueError(f"{bag}: action topic {cfg.action_topic} has no messages")

@@ -13,6 +13,7 @@ Parameters (``ros__parameters``):
   chunk_duration_s   double    close a chunk file at least this often [5.0]
   chunk_max_mb       double    ... or when this much is buffered [256]
   min_free_mb        double    refuse to write with less free disk space (clear "disk full" error) [64]
+  queue_depth        int       subscription queue depth (rides out stalls without losing messages) [1000]
   retry_period_s     double    after a write error, retry this often (the buffer is kept) [2.0]
 
 Services (std_srvs/Trigger): ``~/start`` (new episode with the current instruction), ``~/stop`` (ends it
@@ -58,11 +59,13 @@ class RecorderNode(Node):
         declare("chunk_duration_s", 5.0, ParameterDescriptor(description="close a chunk file this often"))
         declare("chunk_max_mb", 256.0, ParameterDescriptor(description="close a chunk past this size"))
         declare("min_free_mb", 64.0, ParameterDescriptor(description="minimum free disk space to write"))
+        declare("queue_depth", 1000, ParameterDescriptor(description="subscription queue (survives stalls)"))
         declare("retry_period_s", 2.0, ParameterDescriptor(description="retry period after a write error"))
         param = self.get_parameter
         self.instruction_topic = param("instruction_topic").value
         self.record_always = bool(param("record_always").value)
         self.retry_period_s = float(param("retry_period_s").value)
+        self.queue_depth = int(param("queue_depth").value)
         self.wanted = [t for t in param("topics").value if t]
         if self.instruction_topic and self.instruction_topic not in self.wanted:
             self.wanted.append(self.instruction_topic)
@@ -75,7 +78,8 @@ class RecorderNode(Node):
             events_topic=self.resolve_topic_name("~/episode_events"),
         )
         self.instruction = ""
-        self._subscriptions: dict[str, object] = {}
+        self.last_raw: dict[str, bytes] = {}
+        self.recorded_subscriptions: dict[str, object] = {}
         self._last_attempt = 0.0
         self._last_logged_error: str | None = None
         self.add_on_set_parameters_callback(self._on_parameters)
@@ -120,7 +124,7 @@ class RecorderNode(Node):
     # -- subscriptions on whatever type each topic has on the graph
 
     def _discover(self) -> None:
-        missing = [t for t in self.wanted if t not in self._subscriptions]
+        missing = [t for t in self.wanted if t not in self.recorded_subscriptions]
         if not missing:
             return
         graph = dict(self.get_topic_names_and_types())
@@ -134,19 +138,22 @@ class RecorderNode(Node):
                 cls = message_class(msgtype)
             except (RecordingError, ImportError, AttributeError, ValueError) as exc:
                 self.get_logger().error(f"cannot record {topic} ({msgtype}): {exc}")
-                self._subscriptions[topic] = None  # do not retry every 0.5 s
+                self.recorded_subscriptions[topic] = None  # do not retry every 0.5 s
                 continue
             publishers = self.get_publishers_info_by_topic(topic)
             reliable = publishers and all(p.qos_profile.reliability == ReliabilityPolicy.RELIABLE for p in publishers)
+            # A deep queue: a recorder must ride out a stalled process (disk, CPU) without losing messages.
             qos = QoSProfile(
-                depth=100, reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT
+                depth=self.queue_depth,
+                reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
             )
-            self._subscriptions[topic] = self.create_subscription(
+            self.recorded_subscriptions[topic] = self.create_subscription(
                 cls, topic, lambda data, topic=topic: self._on_message(topic, data), qos, raw=True
             )
-            self.get_logger().info(f"recording {topic} [{msgtype}]")
+            self.get_logger().info(f"recording {topic} [{msgtype}] ({'reliable' if reliable else 'best effort'})")
 
     def _on_message(self, topic: str, data: bytes) -> None:
+        self.last_raw[topic] = data  # the topics' last state survives episodes and write errors
         if self.record_always or self.recorder.current is not None:
             self.recorder.add(topic, self.get_clock().now().nanoseconds, data)
 
@@ -167,10 +174,15 @@ class RecorderNode(Node):
 
     def _on_start(self, request, response):
         try:
-            episode = self.recorder.start_episode(self.instruction, self._now())
+            now = self._now()
+            episode = self.recorder.start_episode(self.instruction, now)
         except ValueError as exc:
             response.success, response.message = False, str(exc)
             return response
+        # The instruction was usually published before the start: record it at the start so the episode
+        # carries its instruction inside the bag (an unstamped message; its bag time is the start).
+        if not self.record_always and self.instruction_topic in self.last_raw:
+            self.recorder.add(self.instruction_topic, now, self.last_raw[self.instruction_topic])
         self._publish_event("start")
         response.success = True
         response.message = f"episode {episode.index} started: {episode.instruction!r}"
@@ -258,7 +270,7 @@ class RecorderNode(Node):
             "episodes": str(len(rec.episodes)),
             "buffered_messages": str(rec.buffered_messages),
             "dropped_messages": str(rec.dropped),
-            "subscribed": ",".join(t for t, s in self._subscriptions.items() if s is not None),
+            "subscribed": ",".join(t for t, s in self.recorded_subscriptions.items() if s is not None),
         }
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         msg = DiagnosticArray(status=[status])
