@@ -23,8 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .policy.configuration_omnistream_vla import NORMALIZATION_MODES
-
+NORMALIZATION_MODES = ("identity", "min_max", "mean_std", "quantiles")
 STATS_FILE = "normalization.safetensors"
 _EPS = 1e-8
 # Statistics each mode needs.

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..normalization import NORMALIZATION_MODES
+
 CONFIG_NAME = "config.json"
 
 # Shapes of the published Qwen2.5 instruct models: used to build a random LLM of the real size for benchmarks
@@ -41,8 +43,6 @@ DEBUG_LLM = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True,
 )  # fmt: skip
-
-NORMALIZATION_MODES = ("identity", "min_max", "mean_std", "quantiles")
 
 
 @dataclass
