@@ -46,6 +46,7 @@ STATE_TYPES = (*VECTOR_TYPES, "geometry_msgs/msg/PoseStamped")
 class BagConversionConfig:
     camera_topics: list[str]
     action_topic: str
+    camera_names: list[str] | None = None  # dataset camera names (e.g. the policy's "static"); default from topics
     state_topic: str | None = None
     instruction_topic: str | None = None
     fps: int | None = None  # None: from the first camera's median message interval
@@ -61,6 +62,8 @@ class BagConversionConfig:
             raise ValueError("give at least one camera topic (--camera-topics T1,T2)")
         if self.alignment not in ("nearest", "interpolate"):
             raise ValueError(f"alignment must be 'nearest' or 'interpolate', got {self.alignment!r}")
+        if self.camera_names is not None and len(self.camera_names) != len(self.camera_topics):
+            raise ValueError(f"{len(self.camera_names)} camera names for {len(self.camera_topics)} camera topics")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
 
@@ -246,9 +249,10 @@ def convert_bags(bags: list[Path], out: Path, cfg: BagConversionConfig, overwrit
             states = _align_vectors(streams[cfg.state_topic], grid, cfg.alignment) if cfg.state_topic else None
             tasks = _tasks_for(grid, streams.get(cfg.instruction_topic) if cfg.instruction_topic else None, ep, cfg)
             images = {}
-            for cam, times in zip(cams, cam_times):
+            for c, (cam, times) in enumerate(zip(cams, cam_times)):
                 idx = _nearest(times, grid)
-                images[camera_key(cam.topic)] = [decode_image(cam.values[i], cam.msgtype) for i in idx]
+                key = f"observation.images.{cfg.camera_names[c]}" if cfg.camera_names else camera_key(cam.topic)
+                images[key] = [decode_image(cam.values[i], cam.msgtype) for i in idx]
             if writer is None:
                 features: dict[str, dict[str, Any]] = {
                     key: {"dtype": "video", "shape": list(frames[0].shape)} for key, frames in images.items()

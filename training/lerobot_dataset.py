@@ -350,7 +350,7 @@ class LeRobotDatasetWriter:
         columns["task_index"] = np.array([self._tasks[r["task"]] for r in self._buffer], dtype=np.int64)
         df = pd.DataFrame(columns)
 
-        if self._data_frames and self._data_bytes > self.data_file_bytes:
+        if self._data_frames and self._data_bytes >= self.data_file_bytes:
             self._flush_data_file()
         chunk, file = _chunk_file(self._data_file_counter, self.chunks_size)
         self._data_frames.append(df)
@@ -385,7 +385,7 @@ class LeRobotDatasetWriter:
             track.all_pixels.append(pixels[:: max(1, len(pixels) // 20000)])
             track.pixels = []
             track.episode_frames = 0
-            if track.bytes_in_file > self.video_file_bytes:
+            if track.bytes_in_file >= self.video_file_bytes:
                 self._close_video(track)
         for key, stats in episode_stats.items():
             for name, value in stats.items():

@@ -18,6 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("bags", nargs="+", metavar="BAG", help="rosbag2 directories (each has a metadata.yaml)")
     p.add_argument("--out", required=True, help="dataset directory to create")
     p.add_argument("--camera-topics", required=True, help="comma-separated Image/CompressedImage topics")
+    p.add_argument(
+        "--camera-names",
+        default=None,
+        help="comma-separated dataset camera names, one per topic (default: from the topic names)",
+    )
     p.add_argument("--action-topic", required=True, help="EndEffectorAction, JointState or Float32MultiArray topic")
     p.add_argument(
         "--state-topic", default=None, help="JointState, PoseStamped, EndEffectorAction or Float32MultiArray"
@@ -74,6 +79,7 @@ def _bag_to_lerobot(args: argparse.Namespace) -> int:
     try:
         cfg = BagConversionConfig(
             camera_topics=[t.strip() for t in args.camera_topics.split(",") if t.strip()],
+            camera_names=[n.strip() for n in args.camera_names.split(",")] if args.camera_names else None,
             action_topic=args.action_topic,
             state_topic=args.state_topic,
             instruction_topic=args.instruction_topic,
@@ -236,7 +242,10 @@ def render_episode(ds, episode: int, out: Path, num_frames: int = 6) -> None:
 
     import av
 
-    strip = np.concatenate(list(images.values()), axis=2)  # (T, H, sumW, 3)
+    # Cameras side by side, each padded to the tallest one: (T, H, sumW, 3).
+    tallest = max(frames.shape[1] for frames in images.values())
+    padded = [np.pad(f, ((0, 0), (0, tallest - f.shape[1]), (0, 0), (0, 0))) for f in images.values()]
+    strip = np.concatenate(padded, axis=2)
     scale = max(1, 256 // strip.shape[1])
     strip = strip.repeat(scale, axis=1).repeat(scale, axis=2)
     width = strip.shape[2]
