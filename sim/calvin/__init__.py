@@ -1,0 +1,202 @@
+"""CALVIN ABC->D evaluation: the official long-horizon protocol on the real calvin_env simulator.
+
+* :mod:`.sequences`  the 1000 evaluation chains and initial states (own implementation; equals
+  ``../shared/calvin/eval_chains.json``);
+* :mod:`.protocol`   the per-chain loop (reset, 5 subtasks x 360 steps, oracle success, stop at first failure)
+  and the metrics (average length, i-in-a-row rates, per-task success);
+* :mod:`.env`        building calvin_env from its own configs (``--calvin-env-root`` / ``$CALVIN_ENV_ROOT``);
+* :func:`evaluate`   what ``omnistream sim eval --env calvin`` runs; :func:`merge_results` combines shards.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .protocol import EP_LEN, chain_success_rates, evaluate_chain, evaluate_chains, summarize_records
+from .sequences import NUM_CHAINS, EvalChain, fnv1_32, generate_chains, initial_env_state, state_seed
+
+__all__ = [
+    "EP_LEN",
+    "NUM_CHAINS",
+    "EvalChain",
+    "chain_success_rates",
+    "evaluate",
+    "evaluate_chain",
+    "evaluate_chains",
+    "fnv1_32",
+    "generate_chains",
+    "initial_env_state",
+    "load_instructions",
+    "merge_results",
+    "run_evaluation",
+    "state_seed",
+    "summarize_records",
+]
+
+# The validation instruction of every subtask (the first validation annotation, as the official script uses).
+DEFAULT_INSTRUCTIONS = Path(__file__).resolve().parents[2].parent / "shared" / "calvin" / "validation_instructions.json"
+
+
+def load_instructions(path: str | Path | None = None) -> dict[str, str]:
+    """Subtask -> instruction; the default is ``../shared/calvin/validation_instructions.json``."""
+    p = Path(path) if path else DEFAULT_INSTRUCTIONS
+    if not p.is_file():
+        raise ValueError(f"no CALVIN instructions file at {p} (a JSON object: subtask name -> instruction)")
+    data = json.loads(p.read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ValueError(f"{p} must map subtask names to instruction strings")
+    return data
+
+
+def select_chains(chains: list[EvalChain], count: int | None, shard: tuple[int, int] = (0, 1)) -> list[EvalChain]:
+    """The first ``count`` official chains (all 1000 by default), then the contiguous part of shard ``i/n``."""
+    count = len(chains) if count is None else count
+    if not 1 <= count <= len(chains):
+        raise ValueError(f"--chains must be in 1..{len(chains)}, got {count}")
+    index, parts = shard
+    if parts < 1 or not 0 <= index < parts:
+        raise ValueError(f"shard must satisfy 0 <= i < n, got {index}/{parts}")
+    base, extra = divmod(count, parts)
+    start = index * base + min(index, extra)
+    stop = start + base + (1 if index < extra else 0)
+    return chains[start:stop]
+
+
+def run_evaluation(
+    env: Any,
+    oracle: Any,
+    policy: Any,
+    *,
+    policy_name: str,
+    chains: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    videos: int = 0,
+    instructions: dict[str, str] | None = None,
+    ep_len: int = EP_LEN,
+    progress: bool = True,
+    all_chains: list[EvalChain] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Evaluate ``policy`` on (a shard of) the official chains in ``env``; writes results when ``out_dir`` is set.
+
+    ``env``/``oracle`` are calvin_env's (or, in tests, a scripted test double with the same interface).
+    """
+    import time
+
+    from ..report import build_results, write_results
+    from ..video import write_video
+
+    instructions = instructions if instructions is not None else load_instructions()
+    selected = select_chains(all_chains if all_chains is not None else generate_chains(), chains, shard)
+    if not selected:
+        raise ValueError(f"shard {shard[0]}/{shard[1]} of {chains} chains is empty")
+    start = time.perf_counter()
+    desc = f"calvin/{policy_name}" + (f" [{shard[0]}/{shard[1]}]" if shard[1] > 1 else "")
+    records, clips = evaluate_chains(
+        env,
+        policy,
+        oracle,
+        selected,
+        instructions,
+        ep_len=ep_len,
+        seed=seed,
+        videos=videos,
+        progress=progress,
+        desc=desc,
+    )
+    video_paths = []
+    if out_dir is not None:
+        for chain, frames in clips:
+            path = write_video(frames, Path(out_dir) / "videos" / f"chain_{chain.index:04d}.mp4", fps=30)
+            video_paths.append(str(path.relative_to(out_dir)))
+    total_steps = sum(sum(r["steps"]) for r in records)
+    seconds = time.perf_counter() - start
+    results = build_results(
+        records,
+        env="calvin",
+        policy=policy_name,
+        summarize=summarize_records,
+        seed=seed,
+        ep_len=ep_len,
+        chains_total=chains if chains is not None else NUM_CHAINS,
+        seconds=round(seconds, 2),
+        ms_per_step=round(1000 * seconds / max(total_steps, 1), 2),
+        **extra,
+        videos=video_paths,
+    )
+    if shard[1] > 1:
+        results["shard"] = f"{shard[0]}/{shard[1]}"
+    if out_dir is not None:
+        write_results(results, out_dir, title=f"CALVIN ABC->D: {policy_name}")
+    return results
+
+
+def merge_results(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Combine CALVIN shard results (``results.json`` files or their directories) into one; the summary
+    (average length, i-in-a-row, per-task) is recomputed from the per-chain records."""
+    from ..report import merge_results as merge
+
+    paths = [Path(p).parent if Path(p).is_file() else Path(p) for p in paths]
+    merged = merge(paths, out_dir, summarize=summarize_records)
+    commits = merged.get("shards", {}).get("calvin_env_commit")
+    if commits:
+        raise ValueError(f"shards were run with different calvin_env commits {commits}; their numbers do not combine")
+    return merged
+
+
+def evaluate(args: Any) -> int:
+    """``omnistream sim eval --env calvin``: the real simulator through the official protocol."""
+    from omnistream_cli.main import UserError
+
+    from ..policies import make_policy
+    from .env import make_calvin_env
+
+    if args.videos < 0:
+        raise UserError(f"--videos must be >= 0, got {args.videos}")
+    shard = _parse_shard(args.shard)
+    seed = 0 if args.seed is None else args.seed
+    try:
+        all_chains = generate_chains(progress=not getattr(args, "quiet", False))
+        select_chains(all_chains, args.chains, shard)  # validates --chains/--shard before the slow env build
+        policy = make_policy(args.policy, seed=seed, env_name="calvin", device=getattr(args, "device", "cpu"))
+        sim = make_calvin_env(args.calvin_env_root, renderer=args.renderer)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        results = run_evaluation(
+            sim.env,
+            sim.oracle,
+            policy,
+            policy_name=args.policy,
+            chains=args.chains,
+            shard=shard,
+            seed=seed,
+            out_dir=args.out,
+            videos=args.videos if shard[0] == 0 else 0,
+            progress=not getattr(args, "quiet", False),
+            all_chains=all_chains,
+            calvin_env_commit=sim.commit,
+            renderer=sim.renderer,
+        )
+    finally:
+        sim.close()
+        close = getattr(policy, "close", None)
+        if close is not None:
+            close()
+    rates = " ".join(f"{k}:{v * 100:.1f}%" for k, v in results["chain_success"].items())
+    print(
+        f"calvin/{args.policy}: avg_len {results['avg_len']:.3f} ({rates}) over {results['episodes']} chains "
+        f"in {results['seconds']:.0f} s, calvin_env {sim.commit[:12]} -> {args.out}/results.json"
+    )
+    return 0
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    from omnistream_cli.commands.sim import parse_shard
+
+    return parse_shard(text)
