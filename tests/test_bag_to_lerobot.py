@@ -167,3 +167,61 @@ def test_cli_bag_to_lerobot_info_view(tmp_path, capsys):
     )
     assert rc == 2
     assert "/camera/image_raw" in capsys.readouterr().err
+
+
+def _recorder_bag(tmp_path: Path, episodes: list[tuple[str, int, bool, bool]]) -> Path:
+    """A bag written by the recorder core: (instruction, frames, success, stopped) per episode."""
+    from rosbags.typesys import Stores, get_typestore
+
+    from omnistream_vla.recording import BagRecorder
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    Image, F32 = ts.types["sensor_msgs/msg/Image"], ts.types["std_msgs/msg/Float32MultiArray"]
+    Header, Time, Layout = (
+        ts.types["std_msgs/msg/Header"],
+        ts.types["builtin_interfaces/msg/Time"],
+        ts.types["std_msgs/msg/MultiArrayLayout"],
+    )
+    rec = BagRecorder(tmp_path / "bags", bag_name="rec", min_free_bytes=0)
+    rec.add_topic("/cam/image_raw", Image.__msgtype__)
+    rec.add_topic("/cmd", F32.__msgtype__)
+    t = T0
+    for e, (instruction, frames, success, stopped) in enumerate(episodes):
+        rec.start_episode(instruction, t)
+        for k in range(frames):
+            t += 100_000_000
+            img = Image(header=Header(stamp=Time(sec=0, nanosec=0), frame_id=""), height=H, width=W, encoding="rgb8",
+                        is_bigendian=0, step=W * 3, data=_frame(k).reshape(-1))  # fmt: skip
+            rec.add("/cam/image_raw", t, bytes(ts.serialize_cdr(img, Image.__msgtype__)))
+            cmd = F32(layout=Layout(dim=[], data_offset=0), data=np.array([e, k], np.float32))
+            rec.add("/cmd", t, bytes(ts.serialize_cdr(cmd, F32.__msgtype__)))
+        if success:
+            rec.annotate(t, success=True)
+        t += 50_000_000
+        if stopped:
+            rec.stop_episode(t)
+        rec.flush()
+        t += 1_000_000_000  # a pause between episodes
+    return tmp_path / "bags" / "rec"
+
+
+def test_recorder_episodes_success_filter_and_crash_cut_episode(tmp_path):
+    bag = _recorder_bag(
+        tmp_path, [("push left", 5, True, True), ("push right", 4, False, True), ("lift", 3, True, False)]
+    )
+    cfg = BagConversionConfig(camera_topics=["/cam/image_raw"], action_topic="/cmd", camera_names=["static"])
+    summary = convert_bags([bag], tmp_path / "all", cfg)
+    assert summary["fps"] == 10 and summary["episodes"] == 3 and summary["frames"] == 12
+    ds = LeRobotDataset(tmp_path / "all", image_format="uint8_hwc")
+    eps = ds.meta.episodes
+    assert eps["length"].tolist() == [5, 4, 3]
+    assert eps["success"].tolist() == [True, False, True]
+    assert eps["complete"].tolist() == [True, True, False]  # the last one was never stopped (crash)
+    assert [ds[i]["task"] for i in (0, 5, 9)] == ["push left", "push right", "lift"]
+    np.testing.assert_array_equal(ds[6]["action"].numpy(), [1, 1])
+    assert "observation.images.static" in ds[0]
+
+    cfg = BagConversionConfig(camera_topics=["/cam/image_raw"], action_topic="/cmd", only_successful=True)
+    summary = convert_bags([bag], tmp_path / "ok", cfg)
+    assert summary["episodes"] == 2 and summary["skipped_episodes"] == 1
+    assert LeRobotDataset(tmp_path / "ok").meta.episodes["tasks"].map(list).tolist() == [["push left"], ["lift"]]

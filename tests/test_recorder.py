@@ -315,3 +315,75 @@ def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
     assert values[-1] < k - 1  # the chunk in progress at the kill is the only thing missing
     (episode,) = read_episode_events(bag)
     assert episode["stop_ns"] is None  # killed mid-episode
+
+
+@pytest.mark.ros
+def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
+    """Disk full at stop: the service says so, /diagnostics reports ERROR, nothing is lost once space is back."""
+    import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from std_msgs.msg import Float32MultiArray, String
+    from std_srvs.srv import Trigger
+
+    from omnistream_vla.recorder_node import RecorderNode
+
+    rclpy.init()
+    try:
+        recorder = RecorderNode(
+            parameter_overrides=[
+                Parameter("topics", value=["/joint_cmd"]),
+                Parameter("output_dir", value=str(tmp_path / "bags")),
+                Parameter("bag_name", value="full"),
+                Parameter("min_free_mb", value=1e12),  # more than any disk: the real free-space check fails
+                Parameter("retry_period_s", value=0.2),
+            ]
+        )
+        node = Node("test_client")
+        pub = node.create_publisher(Float32MultiArray, "/joint_cmd", 100)
+        instruction = node.create_publisher(String, "/instruction", 10)
+        errors = []
+        node.create_subscription(
+            DiagnosticArray,
+            "/diagnostics",
+            lambda m: errors.extend(s.message for s in m.status if s.level == DiagnosticStatus.ERROR),
+            10,
+        )
+        start, stop = (node.create_client(Trigger, f"/recorder/{name}") for name in ("start", "stop"))
+        executor, thread = _spin_in_thread([recorder, node])
+        _wait(lambda: recorder.recorded_subscriptions.get("/joint_cmd"), what="subscription")
+        _wait(lambda: pub.get_subscription_count() > 0, what="matching")
+        assert not _call(node, stop).success  # no episode yet: a clear refusal, the node keeps running
+        instruction.publish(String(data="wave"))
+        _wait(lambda: recorder.instruction == "wave", what="instruction")
+        assert _call(node, start).success
+        second = _call(node, start)
+        assert not second.success and "already running" in second.message
+        for k in range(6):
+            pub.publish(Float32MultiArray(data=[float(k), 0.5]))
+        _wait(lambda: recorder.recorder.buffered_messages >= 6 + 2, what="messages")
+        reply = _call(node, stop)
+        assert not reply.success and "disk full" in reply.message and "kept for retry" in reply.message
+        _wait(lambda: any("disk full" in e for e in errors), what="diagnostics ERROR")
+        assert not (tmp_path / "bags" / "full" / "metadata.yaml").exists()
+        recorder.set_parameters([Parameter("min_free_mb", value=0.0)])  # space is back
+        _wait(lambda: (tmp_path / "bags" / "full" / "metadata.yaml").exists(), what="retry")
+        _wait(lambda: recorder.recorder.last_error is None, what="recovery")
+        executor.shutdown()
+        thread.join(timeout=5)
+        recorder.destroy_node()
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown()
+
+    from rosbags.highlevel import AnyReader
+
+    bag = tmp_path / "bags" / "full"
+    with AnyReader([bag]) as reader:
+        conns = [c for c in reader.connections if c.topic == "/joint_cmd"]
+        values = [reader.deserialize(raw, c.msgtype).data[0] for c, _, raw in reader.messages(connections=conns)]
+    assert values == [0, 1, 2, 3, 4, 5]
+    assert _read_strings(bag, "/instruction") == ["wave"]
+    (episode,) = read_episode_events(bag)
+    assert episode["instruction"] == "wave" and episode["stop_ns"] is not None

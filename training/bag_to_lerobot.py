@@ -6,7 +6,8 @@ nearest message or a linear interpolation (``alignment="interpolate"``). A messa
 stamp when it has a non-zero one, else the time the bag logged it.
 
 Episodes: from the recorder's ``.../episode_events`` topic when the bag has one (instruction, success,
-notes); otherwise each bag is one episode. A frame's task is the latest instruction message at or before
+notes; an episode cut by a crash is kept up to its last message on disk, with ``complete=False`` in the
+episodes table); otherwise each bag is one episode. A frame's task is the latest instruction message at or before
 it, else its episode's instruction, else ``default_task``.
 
 Supported message types:
@@ -193,12 +194,17 @@ def _read_bag(bag: Path, cfg: BagConversionConfig) -> tuple[dict[str, _Stream], 
     if events_topic is not None:
         from omnistream_vla.recording import read_episode_events
 
-        episodes = [e for e in read_episode_events(bag, events_topic) if e.get("stop_ns") is not None]
+        episodes = read_episode_events(bag, events_topic)
+        for episode in episodes:
+            # An episode cut by a crash ends with the last message that reached disk.
+            episode["complete"] = episode.get("stop_ns") is not None
+            if not episode["complete"]:
+                episode["stop_ns"] = 2**63 - 1
     if not episodes:
         cams = [s for t, s in streams.items() if t in cfg.camera_topics]
         if not cams[0].times:
             raise ValueError(f"{bag}: camera topic {cams[0].topic} has no messages")
-        episodes = [{"start_ns": cams[0].times[0], "stop_ns": cams[0].times[-1], "instruction": None}]
+        episodes = [{"start_ns": cams[0].times[0], "stop_ns": cams[0].times[-1], "instruction": None, "complete": True}]
     return streams, episodes
 
 
@@ -277,6 +283,7 @@ def convert_bags(bags: list[Path], out: Path, cfg: BagConversionConfig, overwrit
             writer.save_episode(
                 extra={
                     "success": bool(ep.get("success", False)),
+                    "complete": bool(ep.get("complete", True)),
                     "notes": "\n".join(ep.get("notes") or []),
                     "source_bag": Path(bag).name,
                     "source_start_ns": int(grid[0]),
