@@ -191,3 +191,21 @@ def test_merge_shards_recomputes_and_rejects_overlaps(tmp_path):
     write_results(build_results([{"episode": 9, "success": True}], env="calvin", policy="random"), other)
     with pytest.raises(ValueError, match="different evaluations"):
         merge_results([a, other])
+
+
+def test_checkpoint_policy_in_process(tmp_path):
+    pytest.importorskip("pybullet", reason="pybullet is not installed")
+    from omnistream_perception.model import OmniStreamModel
+    from omnistream_sim.rollout import evaluate_tabletop
+    from omnistream_sim.tabletop import TabletopConfig
+    from omnistream_vla.policy.factory import init_policy
+
+    OmniStreamModel.from_preset("debug").save_pretrained(tmp_path / "backbone")
+    init_policy(tmp_path / "vla", preset="debug", backbone=tmp_path / "backbone", seed=0)
+    policy = make_policy(f"ckpt:{tmp_path / 'vla'}")
+    assert policy.cameras == ("static",)
+    results = evaluate_tabletop(policy, episodes=1, out_dir=None, config=TabletopConfig.debug(max_steps=6),
+                                progress=False)  # fmt: skip
+    assert results["records"][0]["steps"] == 6 and results["policy_ms_per_step"] > 0
+    with pytest.raises(ValueError, match="lacks"):
+        policy.observation_to_batch({"images": {}, "instruction": "lift the red block"})

@@ -15,13 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = group.add_parser("eval", help="closed-loop evaluation; writes results.json, report.md and videos")
     p.add_argument("--env", choices=ENVS, default="tabletop", help="simulator (default tabletop, built in)")
-    p.add_argument("--policy", default="scripted", help="scripted | random | ckpt:DIR | ros (default scripted)")
+    p.add_argument("--policy", default="scripted", help="scripted | random | ckpt:DIR | ros:DIR (default scripted)")
     p.add_argument("--episodes", type=int, default=30, help="episodes (tabletop; SimplerEnv: per task)")
     p.add_argument("--out", required=True, help="output directory for results.json, report.md, videos/")
     p.add_argument("--seed", type=int, default=None, help="base seed (tabletop default 100000: held out from demos)")
     p.add_argument("--tasks", default="all", help="tabletop tasks: a set (lift|push|all) or comma list (default all)")
     p.add_argument("--swap-instructions", action="store_true", help="tabletop: show another task's instruction")
     p.add_argument("--image-size", type=int, default=None, help="tabletop static camera size (default 128)")
+    p.add_argument("--max-steps", type=int, default=None, help="tabletop control steps per episode (default 100)")
     p.add_argument("--chains", type=int, default=None, help="CALVIN: number of evaluation chains (default 1000)")
     p.add_argument("--shard", default=None, help="i/n: run the i-th of n shards (0-based), merge them afterwards")
     p.add_argument("--calvin-env-root", default=None, help="CALVIN: a calvin_env checkout (or $CALVIN_ENV_ROOT)")
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--videos", type=int, default=1, help="rollout videos of the first K episodes (default 1)")
     p.add_argument("--device", default="cpu", help="ckpt policies: torch device (default cpu)")
     p.add_argument("--timeout", type=float, default=30.0, help="ros policy: seconds to wait for an action")
+    p.add_argument("--backbone", default=None, help="ros policy: perception backbone (default: the policy's own)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_eval)
 
@@ -97,7 +99,6 @@ def _eval_tabletop(args: argparse.Namespace) -> int:
     if args.videos < 0:
         raise UserError(f"--videos must be >= 0, got {args.videos}")
     from omnistream_sim.policies import make_policy
-    from omnistream_sim.rollout import evaluate_tabletop
     from omnistream_sim.tabletop import TabletopConfig
     from omnistream_sim.tabletop.tasks import resolve_tasks
 
@@ -110,12 +111,37 @@ def _eval_tabletop(args: argparse.Namespace) -> int:
     start, stop = shard_range(args.episodes, shard_index, shard_count)
     if stop <= start:
         raise UserError(f"shard {args.shard} of {args.episodes} episodes is empty")
-    config = TabletopConfig(**({"image_size": args.image_size} if args.image_size else {}))
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
+    overrides = {"image_size": args.image_size, "max_steps": args.max_steps}
+    config = TabletopConfig(**{k: v for k, v in overrides.items() if v is not None})
     try:
-        policy = make_policy(args.policy, seed=seed, env_name="tabletop", device=args.device, timeout=args.timeout)
+        policy = make_policy(args.policy, seed=seed, env_name="tabletop", device=args.device, timeout=args.timeout,
+                             backbone=args.backbone)  # fmt: skip
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from None
-    results = evaluate_tabletop(
+    try:
+        results = _run_tabletop(args, policy, tasks, seed, config, start, stop, shard_index)
+    finally:
+        close = getattr(policy, "close", None)
+        if close is not None:
+            close()
+    if shard_count > 1:  # keep the shard id in the files so merge can report it
+        from omnistream_sim.report import write_results
+
+        results["shard"] = f"{shard_index}/{shard_count}"
+        write_results(results, args.out)
+    print(
+        f"tabletop/{args.policy}: success {results['success_rate']:.3f} over {results['episodes']} episodes "
+        f"in {results['seconds']:.1f} s -> {args.out}/results.json"
+    )
+    return 0
+
+
+def _run_tabletop(args, policy, tasks, seed, config, start, stop, shard_index) -> dict:
+    from omnistream_sim.rollout import evaluate_tabletop
+
+    return evaluate_tabletop(
         policy,
         episodes=stop - start,
         episode_offset=start,
@@ -128,19 +154,6 @@ def _eval_tabletop(args: argparse.Namespace) -> int:
         swap_instructions=args.swap_instructions,
         progress=not args.quiet,
     )
-    if shard_count > 1:  # keep the shard id in the files so merge can report it
-        from omnistream_sim.report import write_results
-
-        results["shard"] = f"{shard_index}/{shard_count}"
-        write_results(results, args.out)
-    close = getattr(policy, "close", None)
-    if close is not None:
-        close()
-    print(
-        f"tabletop/{args.policy}: success {results['success_rate']:.3f} over {results['episodes']} episodes "
-        f"in {results['seconds']:.1f} s -> {args.out}/results.json"
-    )
-    return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
