@@ -25,6 +25,7 @@ Deterministic: ``reset(seed)`` fully defines the episode (layout, task when not 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -86,6 +87,38 @@ class StepInfo:
     blocks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+class DirectClient:
+    """A headless pybullet client: ``client.fn(...)`` calls ``pybullet.fn(..., physicsClientId=id)``.
+
+    pybullet_utils' BulletClient does the same but connects with ``options=""``, which makes pybullet print
+    ``argv[0]=`` on every connection (noise in every CLI run and test log).
+    """
+
+    # Pure maths functions take no client id.
+    _STATELESS = frozenset({
+        "invertTransform", "multiplyTransforms", "getMatrixFromQuaternion", "getEulerFromQuaternion",
+        "computeViewMatrix", "computeViewMatrixFromYawPitchRoll", "computeProjectionMatrixFOV",
+        "getQuaternionFromEuler", "getAxisAngleFromQuaternion", "getDifferenceQuaternion",
+    })  # fmt: skip
+
+    def __init__(self):
+        import pybullet
+
+        self._pybullet = pybullet
+        self._id = pybullet.connect(pybullet.DIRECT)
+        if self._id < 0:
+            raise RuntimeError("pybullet could not start a DIRECT (headless) simulation")
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._pybullet, name)
+        if callable(attr) and name not in self._STATELESS:
+            return functools.partial(attr, physicsClientId=self._id)
+        return attr
+
+    def disconnect(self) -> None:
+        self._pybullet.disconnect(physicsClientId=self._id)
+
+
 def light_panda_urdf() -> Path:
     """pybullet_data's Panda with its low-poly collision meshes also used as visuals.
 
@@ -112,13 +145,11 @@ class TabletopEnv:
     """One pybullet client reused across episodes; every reset rebuilds the world, so episodes are independent."""
 
     def __init__(self, config: TabletopConfig | None = None):
-        import pybullet
         import pybullet_data
-        from pybullet_utils import bullet_client
 
         self.config = config or TabletopConfig()
         self.task_names = resolve_tasks(self.config.tasks)
-        self._p = bullet_client.BulletClient(connection_mode=pybullet.DIRECT)
+        self._p = DirectClient()
         p = self._p
         p.setAdditionalSearchPath(pybullet_data.getDataPath())
         self._build_world()
