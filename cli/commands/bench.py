@@ -29,8 +29,54 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
     p.set_defaults(handler=_stream)
 
+    # --- vla (omnistream_vla) ---
+    p = group.add_parser("vla", help="VLA policy latency: per control step, per LLM forward, amortised over a chunk")
+    p.add_argument("--preset", default="debug", help="debug | qwen2.5-0.5b | ... (random weights of that shape)")
+    p.add_argument("--checkpoint", default=None, help="time a policy directory instead of a random preset")
+    p.add_argument("--images", action="store_true", help="include the backbone (raw images, as in-process sim)")
+    p.add_argument("--dtype", default="float32", help="LLM dtype: float32|bfloat16|float16 (default float32)")
+    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda when available)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measure; the median is reported")
+    p.add_argument("--chunks", type=int, default=3, help="action chunks of select_action calls to time")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p.set_defaults(handler=_vla)
+
+    # -- node: the perception node's overhead and real-time behaviour (issue 3) --
+    p = group.add_parser(
+        "node",
+        help="perception_node: publish->features/depth latency vs the bare model step, and a 30 Hz camera",
+    )
+    p.add_argument("--preset", default="small", help="backbone preset with random weights (default small)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of a random preset")
+    p.add_argument("--no-heads", action="store_true", help="random preset without geometry heads (features only)")
+    p.add_argument("--image-size", default="640x480", help="camera image WIDTHxHEIGHT (default 640x480)")
+    p.add_argument("--frames", type=int, default=30, help="timed frames for the overhead (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed frames first (default 3)")
+    p.add_argument("--stream-frames", type=int, default=2000, help="frames at --rate (default 2000; 0 skips)")
+    p.add_argument("--rate", type=float, default=30.0, help="camera rate in Hz for the real-time part (default 30)")
+    p.add_argument("--extra-model-ms", type=float, default=0.0, help="make the model slower by this much per frame")
+    p.add_argument("--window", type=int, default=None, help="bounded KV cache of W frames (default unbounded)")
+    p.add_argument("--device", default=None, help="cpu|cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", help="float32|bfloat16|float16 (default float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+
+    def _node(args: argparse.Namespace) -> int:
+        from omnistream_perception.bench_node import run_node_benchmark
+
+        return run_node_benchmark(args)
+
+    p.set_defaults(handler=_node)
+
 
 def _stream(args: argparse.Namespace) -> int:
     from omnistream_perception.bench import run_stream_benchmark
 
     return run_stream_benchmark(args)
+
+
+def _vla(args: argparse.Namespace) -> int:
+    from omnistream_vla.bench import run_vla_benchmark
+
+    return run_vla_benchmark(args)

@@ -1,0 +1,46 @@
+"""`omnistream bench node` end to end on the tiny fixture: the JSON has the overhead and real-time numbers, and a
+model slower than the camera drops frames instead of queueing them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("rclpy", reason="rclpy is not installed (make setup)")
+
+from omnistream_cli.main import main  # noqa: E402
+from omnistream_perception.bench_node import parse_image_size  # noqa: E402
+
+pytestmark = pytest.mark.ros
+
+
+def test_bench_node_reports_overhead_and_drops_under_a_fast_camera(fixture_a, tmp_path):
+    out = tmp_path / "node.json"
+    argv = ["bench", "node", "--checkpoint", str(fixture_a), "--image-size", "96x64", "--frames", "4"]
+    argv += ["--warmup", "1", "--stream-frames", "24", "--rate", "60", "--extra-model-ms", "60", "--json", str(out)]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    o = report["overhead"]
+    assert o["frames"] == 4 and o["bare_model_step_ms"] > 0 and o["end_to_end_features_ms"] > 0
+    assert o["ratio"] == pytest.approx(o["end_to_end_features_ms"] / o["bare_model_step_ms"], rel=0.01)
+    assert o["ros_side_ms"] >= 0 and isinstance(o["within_budget"], bool)
+    r = report["realtime"]
+    assert r["published"] == 24 and r["newest_frame_processed"]
+    # a model at > 60 ms per frame and a 60 Hz camera: most frames are superseded, none queue up
+    assert r["dropped"] > 0 and r["processed"] < r["received_by_node"] / 2
+    assert r["processed"] + r["dropped"] + r["errors"] == r["received_by_node"]
+    assert r["outputs_received"] == r["processed"] and r["cache_frames"] == r["processed"]
+    assert r["rss_mb_after"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--image-size", "640by480"], ["--rate", "0"], ["--frames", "0"]])
+def test_bench_node_bad_arguments_are_clear_errors(argv, capsys, fixture_a):
+    assert main(["bench", "node", "--checkpoint", str(fixture_a), *argv]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_parse_image_size():
+    assert parse_image_size("640x480") == (640, 480)
+    with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
+        parse_image_size("640")
