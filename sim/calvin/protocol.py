@@ -50,17 +50,20 @@ def to_observation(calvin_obs: dict, instruction: str) -> dict[str, Any]:
 class SubtaskEnv:
     """One subtask as an episode for the rollout loop: ``step`` reports success from the task oracle.
 
-    ``start_info`` is taken when the subtask begins (after the previous subtask left the scene as it was).
+    ``start_info`` is read just before the subtask's first step, i.e. after ``policy.reset()`` as in the
+    official script (the rollout loop resets the policy; nothing moves the scene in between).
     """
 
     def __init__(self, env: Any, oracle: TaskOracle, subtask: str, instruction: str):
         self.env, self.oracle, self.subtask, self.instruction = env, oracle, subtask, instruction
-        self.start_info = env.get_info()
+        self.start_info: dict | None = None
 
     def first_observation(self) -> dict[str, Any]:
         return to_observation(self.env.get_obs(), self.instruction)
 
     def step(self, action: np.ndarray):
+        if self.start_info is None:
+            self.start_info = self.env.get_info()
         obs, _, _, info = self.env.step(action)
         solved = len(self.oracle.get_task_info_for_set(self.start_info, info, {self.subtask})) > 0
         return to_observation(obs, self.instruction), solved, solved, info
