@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +41,8 @@ def _init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UserError(f"--out {out} is not empty (use --force to overwrite)")
-    if args.backbone is not None and "/" not in args.backbone and not Path(args.backbone).exists():
-        raise UserError(f"--backbone {args.backbone}: no such directory")
+    if args.backbone is not None and not Path(args.backbone).is_dir() and not _HUB_ID.match(args.backbone):
+        raise UserError(f"--backbone {args.backbone}: no such directory (or a hub id like org/name)")
     if args.stats is not None and not Path(args.stats).is_file():
         raise UserError(f"--stats {args.stats}: no such file")
     overrides = {}
