@@ -106,6 +106,12 @@ PARAMETERS: dict[str, ParamSpec] = {
     "max_path_length": ParamSpec(2000, "poses kept in ~/path"),
     "reset_on_time_jump": ParamSpec(True, "restart the stream when image time goes backwards (looping bag)"),
     "diagnostics_period": ParamSpec(1.0, "seconds between /diagnostics reports", True),
+    "image_reliability": ParamSpec(
+        "best_effort",
+        "image QoS (depth 1 either way): best_effort (sensor data) | reliable. Across processes Fast DDS drops "
+        "most best-effort images above ~0.5 MB unless FASTDDS_BUILTIN_TRANSPORTS=LARGE_DATA; reliable avoids it",
+        True,
+    ),
 }
 
 
@@ -119,6 +125,8 @@ def validate_parameter(name: str, value: Any) -> str | None:
         return f"dtype must be float32, bfloat16 or float16, got {value!r}"
     if name == "feature_dtype" and value not in ("float16", "float32"):
         return f"feature_dtype must be float16 or float32, got {value!r}"
+    if name == "image_reliability" and value not in ("best_effort", "reliable"):
+        return f"image_reliability must be best_effort or reliable, got {value!r}"
     if name == "camera_token" and value not in ("auto", "true", "false"):
         return f"camera_token must be auto, true or false, got {value!r}"
     if name == "max_side" and value != 0 and value < 16:
@@ -154,6 +162,7 @@ class CameraStream:
     input_size: tuple[int, int] | None = None
     camera_info: CameraInfo | None = None
     path: Path = field(default_factory=Path)
+    idle_skipped: int = 0  # frames not processed because no output had a subscriber
 
     def restart(self) -> None:
         """Reset the model stream and everything tied to it (call with process_lock held)."""
@@ -271,6 +280,14 @@ class PerceptionNode(Node):
         heads = GeometryHeads.from_pretrained(directory) if GeometryHeads.present(directory) else None
         self.has_heads = heads is not None
 
+        image_qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST,
+            depth=1,
+            reliability=ReliabilityPolicy.RELIABLE
+            if self._param("image_reliability") == "reliable"
+            else SENSOR_QOS.reliability,
+            durability=SENSOR_QOS.durability,
+        )
         names = list(self._param("cameras") or [])
         multi = bool(names)
         for name in names or ["camera"]:
@@ -293,9 +310,9 @@ class PerceptionNode(Node):
                 pubs["points"] = self.create_publisher(PointCloud2, outputs + "points", OUTPUT_QOS)
             else:
                 cam.stats.set_level(DiagnosticStatus.OK, "features only: the checkpoint has no geometry heads")
-            self.create_subscription(Image, inputs + "image", lambda m, c=cam: self._on_image(c, m), SENSOR_QOS)
+            self.create_subscription(Image, inputs + "image", lambda m, c=cam: self._on_image(c, m), image_qos)
             self.create_subscription(
-                CompressedImage, inputs + "image/compressed", lambda m, c=cam: self._on_image(c, m), SENSOR_QOS
+                CompressedImage, inputs + "image/compressed", lambda m, c=cam: self._on_image(c, m), image_qos
             )
             self.create_subscription(
                 CameraInfo, inputs + "camera_info", lambda m, c=cam: setattr(c, "camera_info", m), SENSOR_QOS
@@ -366,7 +383,8 @@ class PerceptionNode(Node):
     def _process(self, cam: CameraStream, msg, received_at: float) -> None:
         wanted = self._wanted(cam)
         if not any(wanted.values()):
-            cam.stats.set_value("idle_skipped", cam.stats.counts["received"])  # nobody listens: no model run
+            cam.idle_skipped += 1  # nobody listens: the model does not run
+            cam.stats.set_value("idle_skipped", cam.idle_skipped)
             return
         rgb = compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
 
