@@ -1,6 +1,6 @@
 """A sim-driven ROS session recorded by recorder_node, converted to LeRobot v3.0, and trained on.
 
-The pybullet tabletop (scripted expert) publishes its cameras, robot state and the expert's EndEffectorAction
+The pybullet tabletop (scripted expert) publishes its cameras, robot state (JointState) and the expert's EndEffectorAction
 through real rclpy publishers; recorder_node records them in episodes started/stopped through its services.
 """
 
@@ -45,8 +45,8 @@ def sim_session(tmp_path_factory):
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.time import Time
-    from sensor_msgs.msg import Image
-    from std_msgs.msg import Float32MultiArray, String
+    from sensor_msgs.msg import Image, JointState
+    from std_msgs.msg import String
     from std_srvs.srv import Trigger
 
     from omnistream_msgs.msg import EndEffectorAction
@@ -69,7 +69,7 @@ def sim_session(tmp_path_factory):
         )
         sim = Node("tabletop_sim")
         image_pubs = {c: sim.create_publisher(Image, f"/{c}/image", 50) for c in ("static", "wrist")}
-        state_pub = sim.create_publisher(Float32MultiArray, "/robot_state", 50)
+        state_pub = sim.create_publisher(JointState, "/robot_state", 50)
         action_pub = sim.create_publisher(EndEffectorAction, "/ee_action", 50)
         instruction_pub = sim.create_publisher(String, "/instruction", 10)
         clients = {n: sim.create_client(Trigger, f"/recorder/{n}") for n in ("start", "stop", "mark_success")}
@@ -99,7 +99,9 @@ def sim_session(tmp_path_factory):
                         msg = rgb_to_image(obs["images"][cam])
                         msg.header.stamp, msg.header.frame_id = header, cam
                         pub.publish(msg)
-                    state_pub.publish(Float32MultiArray(data=obs["state"].tolist()))
+                    state = JointState(name=[f"s{j}" for j in range(len(obs["state"]))])
+                    state.header.stamp, state.position = header, obs["state"].astype(np.float64).tolist()
+                    state_pub.publish(state)
                     act = EndEffectorAction(mode="relative", gripper=float(action[6]))
                     act.header.stamp = header
                     act.translation.x, act.translation.y, act.translation.z = (float(v) for v in action[:3])
@@ -154,7 +156,6 @@ def test_sim_session_converts_exactly(sim_dataset):
     ds = LeRobotDataset(root, image_format="uint8_hwc")
     assert len(ds) == len(published) == 2 * STEPS
     assert ds.meta.episodes["length"].tolist() == [STEPS, STEPS]
-    # The state is unstamped (Float32MultiArray): it is matched by the time the bag logged it.
     for i, frame in enumerate(published):
         item = ds[i]
         assert int(item["episode_index"]) == frame["episode"] and int(item["frame_index"]) == i % STEPS
@@ -162,6 +163,7 @@ def test_sim_session_converts_exactly(sim_dataset):
         assert item["task"] == frame["instruction"]
         np.testing.assert_allclose(item["action"].numpy(), frame["action"], atol=1e-6)
         np.testing.assert_allclose(item["observation.state"].numpy(), frame["state"], atol=1e-6)
+        assert ds.meta.features["observation.state"]["names"][:2] == ["s0", "s1"]
         error = np.abs(item["observation.images.static"].astype(np.float32) - frame["static"]).mean()
         assert error < 6, f"frame {i}: mean abs error {error:.1f} after AV1"
         assert item["observation.images.wrist"].shape == (48, 48, 3)

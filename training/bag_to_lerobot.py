@@ -3,7 +3,9 @@
 Streams are put on one clock at ``fps``: every episode gets frames at ``t0 + k / fps`` from its first camera
 image to its last; each camera contributes its nearest image, and numeric streams (action, state) their
 nearest message or a linear interpolation (``alignment="interpolate"``). A message's time is its header
-stamp when it has a non-zero one, else the time the bag logged it.
+stamp when it has a non-zero one, else the time the bag logged it (the recorder's receive time, which lags
+the publisher by transport and scheduling delays: prefer stamped types such as JointState for state that
+must match frames exactly).
 
 Episodes: from the recorder's ``.../episode_events`` topic when the bag has one (instruction, success,
 notes; an episode cut by a crash is kept up to its last message on disk, with ``complete=False`` in the
