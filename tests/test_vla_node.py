@@ -15,6 +15,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 torch = pytest.importorskip("torch")
 
+from geometry_msgs.msg import TwistStamped  # noqa: E402
 from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -65,12 +66,14 @@ class Harness:
         self.helper = rclpy.create_node("vla_test_helper")
         self.actions: list[tuple[float, EndEffectorAction]] = []
         self.grippers: list[float] = []
+        self.twists: list[TwistStamped] = []
         self.features_pub = self.helper.create_publisher(StreamFeatures, "features", 10)
         self.instruction_pub = self.helper.create_publisher(String, "instruction", INSTRUCTION_QOS)
         self.helper.create_subscription(
             EndEffectorAction, "/vla_node/action", lambda m: self.actions.append((time.monotonic(), m)), 50
         )
         self.helper.create_subscription(Float32, "/vla_node/gripper", lambda m: self.grippers.append(m.data), 50)
+        self.helper.create_subscription(TwistStamped, "/vla_node/twist", self.twists.append, 50)
         self.reset_client = self.helper.create_client(Trigger, "/vla_node/reset")
         self.executor = MultiThreadedExecutor(num_threads=4)
         self.executor.add_node(self.node)
@@ -151,6 +154,11 @@ def test_actions_at_the_control_rate_then_stop_when_features_go_stale(harness):
     moving = [m for _, m in harness.actions if not m.stop]
     assert moving and all(m.mode == "relative" and m.gripper in (1.0, -1.0) for m in moving)
     assert any(abs(m.translation.x) > 0 for m in moving)
+    # ~/twist carries the same motion as a velocity (delta x control rate), ~/gripper the gripper command.
+    assert harness.wait_for(lambda: len(harness.twists) >= len(harness.actions) - 2)
+    velocities = {round(t.twist.linear.x / 20.0, 4) for t in harness.twists}
+    assert {round(m.translation.x, 4) for m in moving[-5:]} <= velocities
+    assert set(harness.grippers) <= {1.0, -1.0}
     # The chunk queue: one LLM forward per chunk_size (4) actions.
     assert harness.calls <= len(moving) // 4 + 2
     stopped_at = harness.stop_features()
