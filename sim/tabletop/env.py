@@ -61,6 +61,10 @@ class TabletopConfig:
     workspace_x: tuple[float, float] = (0.42, 0.62)
     workspace_y: tuple[float, float] = (-0.16, 0.16)
     min_block_distance: float = 0.12
+    # Keep the spot beside each block (+y, where a push starts) free of the other blocks, so pushes never begin by
+    # landing the fingers on a neighbour; the expert's PUSH_OFFSET is 0.085.
+    push_side_offset: float = 0.085
+    push_side_clearance: float = 0.075
     start_noise: float = 0.03  # metres of random TCP offset at reset, so demonstrations vary
     paraphrase: bool = False  # draw one of several instruction templates per episode
     static_eye: tuple[float, float, float] = (1.0, 0.0, 0.5)
@@ -261,8 +265,11 @@ class TabletopEnv:
                 ],
                 axis=1,
             )
-            d = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.eye(len(xy)) * 1e9
-            if d.min() >= cfg.min_block_distance:
+            far = np.eye(len(xy)) * 1e9
+            d = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + far
+            side = xy + [0.0, cfg.push_side_offset]
+            d_side = np.linalg.norm(side[:, None] - xy[None], axis=-1) + far
+            if d.min() >= cfg.min_block_distance and d_side.min() >= cfg.push_side_clearance:
                 return list(xy)
         raise RuntimeError("could not place the blocks; enlarge the workspace or lower min_block_distance")
 
