@@ -1,0 +1,187 @@
+"""SimplerEnv-Bridge evaluation: the four WidowX tasks, 24 episodes each, success read at the last step.
+
+Protocol (``../shared/specs/simulators.md``): for each task, ``episode_id`` 0..23; 60 steps (120 for the
+eggplant task), no early stop; the policy's Bridge-convention action (xyz, euler, gripper in [0, 1]) is
+converted explicitly to SimplerEnv's (xyz, axis-angle, +-1); stochastic policies are run with several seeds
+(each seed repeats every episode with its own per-episode stream). The real simulator runs only where
+``simpler_env`` imports (a GPU machine with Vulkan); tests use :class:`SimplerStandIn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..conventions import bridge_to_simpler_action
+from .env import SimplerBridgeEnv, SimplerStandIn
+from .tasks import BRIDGE_TASKS, EPISODES_PER_TASK, BridgeTask, resolve_tasks
+
+__all__ = [
+    "BRIDGE_TASKS",
+    "EPISODES_PER_TASK",
+    "SimplerBridgeEnv",
+    "SimplerStandIn",
+    "evaluate",
+    "merge_results",
+    "plan_episodes",
+    "run_evaluation",
+    "summarize_records",
+]
+
+SEED_STRIDE = 10_000  # record index = seed * SEED_STRIDE + task_position * 100 + episode_id (unique across runs)
+
+
+def episode_index(seed: int, task: BridgeTask, episode_id: int) -> int:
+    """One integer per (seed, task, episode): the record's ``episode`` and the policy's per-episode seed."""
+    return seed * SEED_STRIDE + list(BRIDGE_TASKS).index(task.name) * 100 + episode_id
+
+
+def plan_episodes(
+    tasks: Sequence[BridgeTask], episodes_per_task: int, seeds: Sequence[int], shard: tuple[int, int] = (0, 1)
+) -> list[tuple[int, int, BridgeTask, int]]:
+    """All (index, seed, task, episode_id) of the evaluation, then the contiguous part of shard ``i/n``."""
+    if not 1 <= episodes_per_task <= EPISODES_PER_TASK:
+        raise ValueError(f"episodes per task must be in 1..{EPISODES_PER_TASK}, got {episodes_per_task}")
+    if not seeds:
+        raise ValueError("at least one seed is needed")
+    index, parts = shard
+    if parts < 1 or not 0 <= index < parts:
+        raise ValueError(f"shard must satisfy 0 <= i < n, got {index}/{parts}")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"seeds must be distinct and >= 0, got {list(seeds)}")
+    plan = [
+        (episode_index(seed, task, episode), seed, task, episode)
+        for seed in seeds
+        for task in tasks
+        for episode in range(episodes_per_task)
+    ]
+    base, extra = divmod(len(plan), parts)
+    start = index * base + min(index, extra)
+    return plan[start : start + base + (1 if index < extra else 0)]
+
+
+def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per-task success (the paper's columns), their mean, and per-seed success (also used by ``sim merge``)."""
+    from ..report import summarize_records as summarize
+
+    summary = summarize(records)
+    summary["mean_task_success"] = float(np.mean([e["success_rate"] for e in summary["per_task"].values()]))
+    per_seed: dict[str, list[bool]] = {}
+    for r in records:
+        per_seed.setdefault(str(r.get("seed", 0)), []).append(bool(r["success"]))
+    summary["per_seed_success"] = {seed: float(np.mean(v)) for seed, v in sorted(per_seed.items())}
+    return summary
+
+
+def run_evaluation(
+    env: Any,
+    policy: Any,
+    *,
+    policy_name: str,
+    tasks: str | None = "all",
+    episodes_per_task: int = EPISODES_PER_TASK,
+    seeds: Sequence[int] = (0,),
+    shard: tuple[int, int] = (0, 1),
+    out_dir: str | Path | None = None,
+    videos: int = 0,
+    progress: bool = True,
+    convert=bridge_to_simpler_action,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Run (a shard of) the protocol in ``env`` (:class:`SimplerBridgeEnv` or :class:`SimplerStandIn`)."""
+    import time
+
+    from tqdm import tqdm
+
+    from ..report import build_results, write_results
+    from ..rollout import run_episode
+    from ..video import write_video
+
+    plan = plan_episodes(resolve_tasks(tasks), episodes_per_task, seeds, shard)
+    if not plan:
+        raise ValueError(f"shard {shard[0]}/{shard[1]} is empty")
+    start = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    video_paths: list[str] = []
+    bar = tqdm(plan, desc=f"simpler/{policy_name}", unit="ep", disable=not progress)
+    for k, (index, seed, task, episode_id) in enumerate(bar):
+        obs = env.reset(task.name, episode_id)
+        if hasattr(policy, "set_episode_seed"):  # stochastic policies: one stream per (seed, task, episode)
+            policy.set_episode_seed(index)
+        record_video = out_dir is not None and k < videos
+        result = run_episode(
+            env, policy, obs, max_steps=task.max_steps, convert=convert, video_camera="static" if record_video else None
+        )
+        records.append({"episode": index, "seed": seed, "task": task.short, "episode_id": episode_id,
+                        "instruction": obs["instruction"], "success": result.success, "steps": result.steps,
+                        "seconds": round(result.seconds, 3)})  # fmt: skip
+        if record_video and result.frames:
+            name = f"{task.short}_{episode_id:02d}_seed{seed}.mp4"
+            path = write_video(result.frames, Path(out_dir) / "videos" / name, fps=5)
+            video_paths.append(str(path.relative_to(out_dir)))
+        bar.set_postfix(success=f"{np.mean([r['success'] for r in records]):.2f}")
+    results = build_results(
+        records,
+        env="simpler",
+        policy=policy_name,
+        summarize=summarize_records,
+        simulator=getattr(env, "name", type(env).__name__),
+        seeds=list(seeds),
+        seconds=round(time.perf_counter() - start, 2),
+        **extra,
+        videos=video_paths,
+    )
+    if shard[1] > 1:
+        results["shard"] = f"{shard[0]}/{shard[1]}"
+    if out_dir is not None:
+        write_results(results, out_dir, title=f"SimplerEnv-Bridge (WidowX): {policy_name}")
+    return results
+
+
+def merge_results(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Combine SimplerEnv shard (or per-seed) results; the summary is recomputed from the records."""
+    from ..report import merge_results as merge
+
+    paths = [Path(p).parent if Path(p).is_file() else Path(p) for p in paths]
+    return merge(paths, out_dir, summarize=summarize_records)
+
+
+def evaluate(args: Any) -> int:
+    """``omnistream sim eval --env simpler``: needs ``simpler_env`` (a GPU machine with Vulkan)."""
+    from omnistream_cli.commands.sim import parse_shard
+    from omnistream_cli.main import UserError
+
+    from ..policies import make_policy
+
+    shard = parse_shard(args.shard)
+    seed = 0 if args.seed is None else args.seed
+    episodes = args.episodes
+    if episodes > EPISODES_PER_TASK:  # the CLI's default (30) is the tabletop's; the protocol has 24 layouts
+        print(f"SimplerEnv-Bridge has {EPISODES_PER_TASK} episodes per task; running {EPISODES_PER_TASK}")
+        episodes = EPISODES_PER_TASK
+    try:
+        plan_episodes(resolve_tasks(None), episodes, [seed], shard)
+        policy = make_policy(args.policy, seed=seed, env_name="simpler", device=getattr(args, "device", "cpu"))
+        env = SimplerBridgeEnv()
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        results = run_evaluation(
+            env,
+            policy,
+            policy_name=args.policy,
+            episodes_per_task=episodes,
+            seeds=[seed],
+            shard=shard,
+            out_dir=args.out,
+            videos=args.videos if shard[0] == 0 else 0,
+            progress=not getattr(args, "quiet", False),
+        )
+    finally:
+        env.close()
+    per_task = " / ".join(f"{t} {e['success_rate'] * 100:.1f}" for t, e in results["per_task"].items())
+    print(f"simpler/{args.policy}: {per_task} (mean {results['mean_task_success'] * 100:.1f}%) -> {args.out}")
+    return 0
