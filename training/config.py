@@ -31,6 +31,7 @@ class PretrainConfig:
     backbone: str = "debug"
     backbone_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden_size": 128, "depth": 4}
     heads_size: str = "auto"  # GeometryHeadsConfig.for_backbone size
+    freeze_backbone: bool = False  # head probing: only the heads train, on frozen features
     # objectives (each can be switched off: the paper's ablations)
     ssl_images: bool = True
     ssl_videos: bool = True

@@ -86,3 +86,23 @@ def mean_across_ranks(values: dict[str, float], ctx: DistributedContext) -> dict
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return {k: float(v) / ctx.world_size for k, v in zip(keys, t)}
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer's bytes, in state-dict order (identical weights <=> same digest)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def gather_strings(value: str, ctx: DistributedContext) -> list[str]:
+    """Every rank's ``value``, in rank order (one entry without torch.distributed)."""
+    if not ctx.enabled:
+        return [value]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return out

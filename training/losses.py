@@ -23,7 +23,8 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temperature: float, iterations:
     """
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     logits = teacher_logits.float()
-    peak = logits.max().detach().clone()  # one shift for all ranks keeps the global normalisation exact
+    # one shift for all ranks keeps the global normalisation exact; a rank may hold no rows (iBOT without masks)
+    peak = logits.max().detach().clone() if logits.numel() else torch.tensor(-torch.inf, device=logits.device)
     if distributed:
         torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
     q = torch.exp((logits - peak) / temperature).t()  # (K, N)

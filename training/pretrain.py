@@ -34,9 +34,11 @@ from .distributed import (
     DistributedContext,
     average_gradients,
     broadcast_parameters,
+    gather_strings,
     init_distributed,
     mean_across_ranks,
     shutdown_distributed,
+    weights_digest,
 )
 from .geometry_targets import normalised_geometry_targets
 from .losses import geometry_loss
@@ -140,7 +142,11 @@ class Pretrainer:
             student["geometry_heads"] = GeometryHeads(heads_cfg)
         if config.captioning:
             student["captioner"] = Captioner(dim, config.captioner, seed=config.seed)
+        if config.freeze_backbone:
+            backbone.requires_grad_(False).eval()
         self.student = student.to(self.ctx.device).train()
+        if config.freeze_backbone:
+            backbone.eval()
         self.teacher = None
         self.gram_teacher = None
         if "dino_head" in student:
@@ -251,9 +257,14 @@ class Pretrainer:
         targets = normalised_geometry_targets(depth, k, batch["cam_to_world"])
         targets = {key: v.to(dev) for key, v in targets.items()}
         heads = self.student["geometry_heads"]
-        out = self.student["backbone"](
-            normalise(rgb).to(dev), camera_token=True, output_hidden_states=heads.layers, rope_coord_scale=rope
-        )
+        frozen = self.config.freeze_backbone
+        with torch.set_grad_enabled(not frozen):  # probing: frozen features at inference coordinates
+            out = self.student["backbone"](
+                normalise(rgb).to(dev),
+                camera_token=True,
+                output_hidden_states=heads.layers,
+                rope_coord_scale=None if frozen else rope,
+            )
         pred = heads(out, (size, size))
         return geometry_loss(pred, targets, alpha=self.config.depth_alpha)
 
@@ -345,8 +356,11 @@ def run_pretraining(
     resume: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    export_dir: str | Path | None = None,
+    heads_only: bool = False,
 ) -> dict:
-    """The whole command: train, checkpoint every ``save_every`` steps, export to ``<out>/backbone``."""
+    """The whole command: train, checkpoint every ``save_every`` steps, export to ``export_dir``
+    (default ``<out>/backbone``); ``heads_only`` writes just the geometry heads there (head probing)."""
     from tqdm.auto import tqdm
 
     ctx = init_distributed(device)
@@ -358,7 +372,12 @@ def run_pretraining(
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "pretrain_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        bar = tqdm(total=config.max_steps, initial=start, desc="pretrain", disable=not (progress and ctx.is_main))
+        bar = tqdm(
+            total=config.max_steps,
+            initial=start,
+            desc="heads" if heads_only else "pretrain",
+            disable=not (progress and ctx.is_main),
+        )
         began = time.perf_counter()
         logs: dict[str, float] = {}
         while trainer.step < config.max_steps:
@@ -373,10 +392,24 @@ def run_pretraining(
         if config.save_every and trainer.step % config.save_every:
             trainer.save()
         seconds = time.perf_counter() - began
+        # every rank's weights fingerprint, so a run can show the replicas never drifted apart
+        digests = gather_strings(weights_digest(trainer.student), ctx)
+        if ctx.is_main:
+            (out / "rank_weights_sha256.json").write_text(json.dumps(digests, indent=2) + "\n")
         export = None
         if ctx.is_main:
-            export = trainer.export(out / "backbone")
+            export = Path(export_dir) if export_dir else out / "backbone"
+            if heads_only:
+                trainer.student["geometry_heads"].save_pretrained(export)
+            else:
+                trainer.export(export)
         logger.close()
-        return {"steps": trainer.step, "seconds": seconds, "final": logs, "backbone": str(export) if export else None}
+        return {
+            "steps": trainer.step,
+            "seconds": seconds,
+            "final": logs,
+            "backbone": str(export) if export else None,
+            "rank_digests": digests,
+        }
     finally:
         shutdown_distributed()

@@ -80,8 +80,8 @@ def ssl_losses(
             flat_mask = mask.reshape(b, -1)
             logits = teacher_ibot(patches.reshape(b, -1, patches.shape[-1]))
             probs = torch.zeros_like(logits)
-            if flat_mask.any():
-                probs[flat_mask] = sinkhorn_knopp(logits[flat_mask], weights.teacher_temperature)
+            # called even when this rank masked nothing: Sinkhorn-Knopp's all-reduces must match across ranks
+            probs[flat_mask] = sinkhorn_knopp(logits[flat_mask], weights.teacher_temperature)
             t_ibot.append(probs)
 
     terms: dict[str, torch.Tensor] = {}
