@@ -225,3 +225,46 @@ def test_recorder_episodes_success_filter_and_crash_cut_episode(tmp_path):
     summary = convert_bags([bag], tmp_path / "ok", cfg)
     assert summary["episodes"] == 2 and summary["skipped_episodes"] == 1
     assert LeRobotDataset(tmp_path / "ok").meta.episodes["tasks"].map(list).tolist() == [["push left"], ["lift"]]
+
+
+def test_compressed_images_joint_state_action_pose_state(tmp_path):
+    """CompressedImage (png) cameras, a JointState action and a PoseStamped state, all header-stamped."""
+    import io
+
+    from PIL import Image as PILImage
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    T = ts.types
+    Header, Time = T["std_msgs/msg/Header"], T["builtin_interfaces/msg/Time"]
+    bag = tmp_path / "bag"
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        cam = writer.add_connection("/wrist/image_raw/compressed", "sensor_msgs/msg/CompressedImage", typestore=ts)
+        act = writer.add_connection("/joint_commands", "sensor_msgs/msg/JointState", typestore=ts)
+        pose = writer.add_connection("/tcp_pose", "geometry_msgs/msg/PoseStamped", typestore=ts)
+        for k in range(6):
+            t = T0 + k * 50_000_000
+            header = Header(stamp=Time(sec=t // 10**9, nanosec=t % 10**9), frame_id="")
+            buffer = io.BytesIO()
+            PILImage.fromarray(_frame(k)).save(buffer, format="PNG")
+            png = np.frombuffer(buffer.getvalue(), np.uint8)
+            msg = T["sensor_msgs/msg/CompressedImage"](header=header, format="png", data=png)
+            writer.write(cam, t + 7_000_000, ts.serialize_cdr(msg, msg.__msgtype__))  # logged late: stamps win
+            js = T["sensor_msgs/msg/JointState"](header=header, name=["j1", "j2"], position=np.array([k, 2.0 * k]),
+                                                 velocity=np.zeros(0), effort=np.zeros(0))  # fmt: skip
+            writer.write(act, t, ts.serialize_cdr(js, js.__msgtype__))
+            p = T["geometry_msgs/msg/Pose"](position=T["geometry_msgs/msg/Point"](x=0.1 * k, y=0.0, z=0.3),
+                                            orientation=T["geometry_msgs/msg/Quaternion"](x=0.0, y=0.0, z=0.0, w=1.0))  # fmt: skip
+            ps = T["geometry_msgs/msg/PoseStamped"](header=header, pose=p)
+            writer.write(pose, t, ts.serialize_cdr(ps, ps.__msgtype__))
+    cfg = BagConversionConfig(camera_topics=["/wrist/image_raw/compressed"], action_topic="/joint_commands",
+                              state_topic="/tcp_pose", default_task="wave")  # fmt: skip
+    assert convert_bags([bag], tmp_path / "ds", cfg)["fps"] == 20
+    ds = LeRobotDataset(tmp_path / "ds", image_format="uint8_hwc")
+    assert len(ds) == 6 and ds.meta.features["action"]["names"] == ["j1", "j2"]
+    assert ds.meta.features["observation.state"]["names"] == ["x", "y", "z", "qx", "qy", "qz", "qw"]
+    item = ds[4]
+    np.testing.assert_allclose(item["action"].numpy(), [4, 8])
+    np.testing.assert_allclose(item["observation.state"].numpy(), [0.4, 0, 0.3, 0, 0, 0, 1], atol=1e-6)
+    assert abs(float(item["observation.images.wrist"][..., 0].mean()) - 40) <= 4  # camera key from the topic
