@@ -22,6 +22,7 @@ logged, counted in diagnostics and dropped; the node keeps serving.
 
 from __future__ import annotations
 
+import array
 import re
 import threading
 import time
@@ -206,9 +207,9 @@ def features_message(result, header) -> StreamFeatures:
     msg.dtype = str(tokens.dtype)
     # bytes / float32 buffers, never numpy arrays: rosidl copies arrays element by element.
     msg.patch_tokens = tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes()
-    msg.cls_token = np.asarray(result.cls_token, dtype=np.float32)
+    msg.cls_token = array.array("f", np.asarray(result.cls_token, dtype=np.float32).tobytes())
     if result.camera_token is not None:
-        msg.camera_token = np.asarray(result.camera_token, dtype=np.float32)
+        msg.camera_token = array.array("f", np.asarray(result.camera_token, dtype=np.float32).tobytes())
     return msg
 
 
@@ -217,6 +218,18 @@ class PerceptionNode(Node):
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs) -> None:
         super().__init__(node_name, **kwargs)
+        try:
+            self._setup(node_name)
+        except BaseException:
+            Node.destroy_node(self)  # bad parameters or checkpoint: leave nothing behind in the context
+            raise
+        names = ", ".join(self.cameras)
+        self.get_logger().info(
+            f"perception on camera(s) {names}; checkpoint {self._param('checkpoint')} on {self._param('device')}"
+            + ("" if self.has_heads else " (features only: no geometry heads)")
+        )
+
+    def _setup(self, node_name: str) -> None:
         for name, spec in PARAMETERS.items():
             descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
             self.declare_parameter(name, spec.default, descriptor)
@@ -227,18 +240,12 @@ class PerceptionNode(Node):
 
         self._wake = threading.Condition()
         self._stop = False
-        self._said_features_only = False
         self.diagnostics = DiagnosticsPublisher(self, period_s=self._param("diagnostics_period"))
         self.cameras: dict[str, CameraStream] = {}
         self._build_sessions()
         self.create_service(Trigger, "~/reset", self._on_reset)
         self._worker = threading.Thread(target=self._work, name=f"{node_name}-worker", daemon=True)
         self._worker.start()
-        names = ", ".join(self.cameras)
-        self.get_logger().info(
-            f"perception on camera(s) {names}; checkpoint {self._param('checkpoint')} on {self._param('device')}"
-            + ("" if self.has_heads else " (features only: no geometry heads)")
-        )
 
     # -- parameters -----------------------------------------------------------------------------------------------
     def _param(self, name: str) -> Any:
@@ -322,7 +329,6 @@ class PerceptionNode(Node):
             self.get_logger().warning(
                 "the checkpoint has no geometry heads: publishing features only (no depth, pose, path, points)"
             )
-            self._said_features_only = True
 
     # -- callbacks (cheap: store the newest frame) ----------------------------------------------------------------
     def _on_image(self, cam: CameraStream, msg) -> None:
