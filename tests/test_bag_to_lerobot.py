@@ -268,3 +268,32 @@ def test_compressed_images_joint_state_action_pose_state(tmp_path):
     np.testing.assert_allclose(item["action"].numpy(), [4, 8])
     np.testing.assert_allclose(item["observation.state"].numpy(), [0.4, 0, 0.3, 0, 0, 0, 1], atol=1e-6)
     assert abs(float(item["observation.images.wrist"][..., 0].mean()) - 40) <= 4  # camera key from the topic
+
+
+def test_images_sharing_a_log_time_are_told_apart(tmp_path):
+    """Bags logged in bursts give several images one log time; their header stamps order them."""
+    from rosbags.rosbag2 import StoragePlugin, Writer
+    from rosbags.typesys import Stores, get_typestore
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    T = ts.types
+    bag = tmp_path / "burst"
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as writer:
+        cam = writer.add_connection("/cam", "sensor_msgs/msg/Image", typestore=ts)
+        act = writer.add_connection("/act", "std_msgs/msg/Float32MultiArray", typestore=ts)
+        for k in range(6):
+            stamp = T0 + k * 100_000_000
+            header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=stamp // 10**9, nanosec=stamp % 10**9), frame_id="")  # fmt: skip
+            img = T["sensor_msgs/msg/Image"](header=header, height=H, width=W, encoding="rgb8", is_bigendian=0,
+                                             step=W * 3, data=_frame(k).reshape(-1))  # fmt: skip
+            writer.write(cam, T0 + (k // 3) * 300_000_000, ts.serialize_cdr(img, img.__msgtype__))  # 3 per log time
+            data = T["std_msgs/msg/Float32MultiArray"](layout=T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0),
+                                                        data=np.array([k], np.float32))  # fmt: skip
+            writer.write(act, stamp, ts.serialize_cdr(data, data.__msgtype__))
+    cfg = BagConversionConfig(camera_topics=["/cam"], action_topic="/act", default_task="t", fps=10)
+    convert_bags([bag], tmp_path / "ds", cfg)
+    ds = LeRobotDataset(tmp_path / "ds", image_format="uint8_hwc")
+    assert len(ds) == 6
+    for k in range(6):
+        assert abs(int(ds[k]["observation.images.cam"][..., 0].mean()) - int(_frame(k)[..., 0].mean())) <= 4
+        assert ds[k]["action"].tolist() == [k]

@@ -24,6 +24,7 @@ Images are decoded with ``omnistream_perception.ros_image`` (the same code the n
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,41 @@ def _vector(msg: Any, msgtype: str) -> tuple[np.ndarray, list[str] | None]:
     raise ValueError(f"unsupported numeric message type {msgtype}")
 
 
+def _cdr_header_stamp(raw: bytes | memoryview, fallback: int) -> int:
+    """The header stamp of a serialized message whose first field is std_msgs/Header (Image, CompressedImage).
+
+    CDR: 4 bytes of encapsulation (byte 1: 0 big-endian, 1 little-endian), then int32 sec, uint32 nanosec.
+    """
+    if len(raw) < 12:
+        return fallback
+    order = "<" if raw[1] == 1 else ">"
+    sec, nanosec = struct.unpack_from(f"{order}iI", raw, 4)
+    ns = sec * 1_000_000_000 + nanosec
+    return ns if ns > 0 else fallback
+
+
+def _load_images(bag: Path, stream: _Stream, indices: np.ndarray) -> list[np.ndarray]:
+    """Decode the messages ``indices`` of the camera ``stream`` (a second, windowed pass over the bag)."""
+    from rosbags.highlevel import AnyReader
+
+    wanted = {stream.values[int(i)]: int(i) for i in np.unique(indices)}  # (log time, ordinal) -> index
+    log_times = [key[0] for key in wanted]
+    decoded: dict[int, np.ndarray] = {}
+    with AnyReader([bag]) as reader:
+        conns = [c for c in reader.connections if c.topic == stream.topic]
+        previous, ordinal = None, 0
+        for conn, logtime, raw in reader.messages(connections=conns, start=min(log_times), stop=max(log_times) + 1):
+            ordinal = ordinal + 1 if logtime == previous else 0
+            previous = logtime
+            index = wanted.get((logtime, ordinal))
+            if index is not None:
+                decoded[index] = decode_image(reader.deserialize(raw, conn.msgtype), conn.msgtype)
+    missing = sorted(set(wanted.values()) - set(decoded))
+    if missing:
+        raise ValueError(f"{bag}: could not read back {len(missing)} image(s) of {stream.topic}")
+    return [decoded[int(i)] for i in indices]
+
+
 def decode_image(msg: Any, msgtype: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a rosbags-deserialised Image/CompressedImage (duck-typed like rclpy's)."""
     from omnistream_perception import ros_image
@@ -173,11 +209,16 @@ def _read_bag(bag: Path, cfg: BagConversionConfig) -> tuple[dict[str, _Stream], 
         conns = [c for c in reader.connections if c.topic in streams]
         for conn, logtime, raw in reader.messages(connections=conns):
             stream = streams[conn.topic]
+            if conn.msgtype in IMAGE_TYPES:
+                # Images are not kept: only their stamp (read from the CDR header, no copy of the pixels) and
+                # the log time that finds them again when an episode needs them (memory stays per episode).
+                stream.times.append(_cdr_header_stamp(raw, logtime))
+                last = stream.values[-1] if stream.values else (None, -1)
+                stream.values.append((logtime, last[1] + 1 if last[0] == logtime else 0))  # (log time, ordinal)
+                continue
             msg = reader.deserialize(raw, conn.msgtype)
             stream.times.append(_stamp_ns(msg, logtime))
-            if conn.msgtype in IMAGE_TYPES:
-                stream.values.append(msg)  # decoded only when a frame uses it
-            elif conn.msgtype == "std_msgs/msg/String":
+            if conn.msgtype == "std_msgs/msg/String":
                 stream.values.append(msg.data)
             else:
                 vec, names = _vector(msg, conn.msgtype)
@@ -260,7 +301,7 @@ def convert_bags(bags: list[Path], out: Path, cfg: BagConversionConfig, overwrit
             for c, (cam, times) in enumerate(zip(cams, cam_times)):
                 idx = _nearest(times, grid)
                 key = f"observation.images.{cfg.camera_names[c]}" if cfg.camera_names else camera_key(cam.topic)
-                images[key] = [decode_image(cam.values[i], cam.msgtype) for i in idx]
+                images[key] = _load_images(Path(bag), cam, idx)
             if writer is None:
                 features: dict[str, dict[str, Any]] = {
                     key: {"dtype": "video", "shape": list(frames[0].shape)} for key, frames in images.items()
