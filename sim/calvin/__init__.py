@@ -154,13 +154,17 @@ def evaluate(args: Any) -> int:
     from omnistream_cli.main import UserError
 
     from ..policies import make_policy
-    from .env import make_calvin_env
+    from .env import make_calvin_env, resolve_calvin_env_root
 
     if args.videos < 0:
         raise UserError(f"--videos must be >= 0, got {args.videos}")
     shard = _parse_shard(args.shard)
     seed = 0 if args.seed is None else args.seed
     try:
+        resolve_calvin_env_root(args.calvin_env_root)  # fail fast, before ~25 s of chain generation
+        load_instructions()
+        if args.chains is not None and not 1 <= args.chains <= NUM_CHAINS:
+            raise ValueError(f"--chains must be in 1..{NUM_CHAINS}, got {args.chains}")
         all_chains = generate_chains(progress=not getattr(args, "quiet", False))
         select_chains(all_chains, args.chains, shard)  # validates --chains/--shard before the slow env build
         policy = make_policy(args.policy, seed=seed, env_name="calvin", device=getattr(args, "device", "cpu"))
