@@ -491,7 +491,7 @@ def main(args: list[str] | None = None) -> int:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except (ValueError, FileNotFoundError) as exc:  # bad parameters or checkpoint: one clear line, exit 2
+    except (ValueError, OSError) as exc:  # bad parameters or checkpoint (missing, hub unreachable): exit 2
         rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
         return 2
     finally:
