@@ -212,6 +212,8 @@ def test_merge_refuses_different_calvin_env_commits(tmp_path, instructions):
     path = tmp_path / "b" / "results.json"
     data = json.loads(path.read_text())
     data["calvin_env_commit"] = "other"
+    for record in data["records"]:
+        record["calvin_env_commit"] = "other"
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="different calvin_env commits"):
         merge_results([tmp_path / "a", path])
@@ -224,3 +226,15 @@ def test_bad_chain_count_and_shard_are_clear_errors(instructions):
         _run(None, (3, 3), instructions)
     with pytest.raises(ValueError, match="empty"):
         _run(None, (2, 3), instructions, chains=2)
+
+
+def test_cli_merge_uses_the_calvin_summary(tmp_path, instructions):
+    from omnistream_cli.main import main
+
+    whole = _run(tmp_path / "whole", (0, 1), instructions)
+    for i in range(2):
+        _run(tmp_path / f"s{i}", (i, 2), instructions)
+    code = main(["sim", "merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "merged")])
+    assert code == 0
+    merged = load_results(tmp_path / "merged")
+    assert merged["avg_len"] == whole["avg_len"] and merged["chain_success"] == whole["chain_success"]

@@ -137,6 +137,9 @@ def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         missing = [k for k in ("completed", "subtasks") if k not in r]
         if missing:
             raise ValueError(f"record {i} is not a CALVIN chain record (missing {missing})")
+    commits = sorted({str(r["calvin_env_commit"]) for r in records if "calvin_env_commit" in r})
+    if len(commits) > 1:
+        raise ValueError(f"chains were run with different calvin_env commits {commits}; their numbers do not combine")
     completed = [int(r["completed"]) for r in records]
     per_task: dict[str, dict[str, Any]] = {}
     for r in records:
