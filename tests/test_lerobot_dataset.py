@@ -270,3 +270,28 @@ def test_vla_policy_trains_on_reader_batches(tmp_path, fixture_a):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert np.isfinite(losses).all() and losses[-1] < losses[0] / 2, losses[::10]
+
+
+def test_reader_reads_image_features_stored_in_parquet(tmp_path):
+    """LeRobot's other camera storage (dtype "image": PNG bytes in the data parquet) reads too."""
+    import io
+
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    _write(root, episodes=(3,))
+    data_path = root / "data" / "chunk-000" / "file-000.parquet"
+    data = pd.read_parquet(data_path)
+    cells = []
+    for i in range(len(data)):
+        buffer = io.BytesIO()
+        Image.fromarray(_image(30 * i, 8, 8)).save(buffer, format="PNG")
+        cells.append({"bytes": buffer.getvalue(), "path": f"frame_{i}.png"})
+    data["observation.images.top"] = cells
+    data.to_parquet(data_path, index=False)
+    info = json.loads((root / "meta" / "info.json").read_text())
+    info["features"]["observation.images.top"] = {"dtype": "image", "shape": [8, 8, 3], "names": None}
+    (root / "meta" / "info.json").write_text(json.dumps(info))
+    ds = LeRobotDataset(root, image_format="uint8_hwc")
+    np.testing.assert_array_equal(ds[2]["observation.images.top"], _image(60, 8, 8))  # PNG is lossless
+    assert LeRobotDataset(root)[1]["observation.images.top"].shape == (3, 8, 8)

@@ -530,6 +530,11 @@ class LeRobotDatasetMetadata:
         return [k for k, f in self.features.items() if f["dtype"] == "video"]
 
     @property
+    def image_keys(self) -> list[str]:
+        """Cameras stored as images inside the data parquet (LeRobot's ``image`` dtype; we write videos)."""
+        return [k for k, f in self.features.items() if f["dtype"] == "image"]
+
+    @property
     def total_frames(self) -> int:
         return int(self.info["total_frames"])
 
@@ -670,6 +675,11 @@ class LeRobotDataset:
                 item[key] = image
             else:
                 item[key] = torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
+        for key in self.meta.image_keys:
+            image = _decode_parquet_image(row[key])
+            item[key] = (
+                image if self.image_format == "uint8_hwc" else torch.from_numpy(image).permute(2, 0, 1).float() / 255
+            )
         start, stop = self.episode_frames(episode)
         for key in self.numeric_keys:
             if key in self.delta_timestamps:
@@ -684,6 +694,19 @@ class LeRobotDataset:
         item["timestamp"] = torch.tensor(float(row["timestamp"]), dtype=torch.float32)
         item["task"] = self.meta.task_names[int(row["task_index"])]
         return item
+
+
+def _decode_parquet_image(value: Any) -> np.ndarray:
+    """An ``image`` feature cell ({"bytes": png/jpeg, "path": ...}) as (H, W, 3) uint8 RGB."""
+    import io
+
+    from PIL import Image
+
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if not data:
+        raise ValueError("image cell has no bytes (images stored by path are not supported)")
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))
 
 
 def summarize(root: str | Path) -> dict[str, Any]:
