@@ -67,9 +67,9 @@ class TabletopConfig:
     push_side_clearance: float = 0.075
     start_noise: float = 0.03  # metres of random TCP offset at reset, so demonstrations vary
     paraphrase: bool = False  # draw one of several instruction templates per episode
-    static_eye: tuple[float, float, float] = (1.0, 0.0, 0.5)
-    static_target: tuple[float, float, float] = (0.42, 0.0, 0.08)
-    fov_deg: float = 55.0
+    static_eye: tuple[float, float, float] = (0.95, 0.0, 0.55)
+    static_target: tuple[float, float, float] = (0.45, 0.0, 0.1)
+    fov_deg: float = 48.0
     wrist_fov_deg: float = 75.0
 
     @classmethod
