@@ -706,7 +706,7 @@ def _decode_parquet_image(value: Any) -> np.ndarray:
     if not data:
         raise ValueError("image cell has no bytes (images stored by path are not supported)")
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+        return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy warns on read-only arrays)
 
 
 def summarize(root: str | Path) -> dict[str, Any]:
