@@ -34,6 +34,17 @@ class EpisodeResult:
     policy_seconds: float = 0.0
 
 
+def relative_action(action: np.ndarray) -> np.ndarray:
+    """The tabletop's (and CALVIN's) own convention: arm in [-1, 1], gripper exactly -1 or +1. Policies trained on
+    tabletop/CALVIN data already speak it; this makes the clipping and gripper thresholding explicit."""
+    from .conventions import gripper_to_sign
+
+    out = np.asarray(action, dtype=np.float32).copy()
+    out[:6] = np.clip(out[:6], -1.0, 1.0)
+    out[6] = gripper_to_sign(out[6])
+    return out
+
+
 def _as_chunk(action: Any) -> np.ndarray:
     if hasattr(action, "detach"):  # a torch tensor from an in-process model
         action = action.detach().cpu().numpy()
@@ -136,7 +147,7 @@ def evaluate_tabletop(
             obs = env.reset(seed=seed + index, task=task, instruction=shown)
             if hasattr(policy, "set_episode_seed"):  # stochastic policies: per-episode streams, shard-independent
                 policy.set_episode_seed(seed + index)
-            result = run_episode(env, policy, obs, max_steps=config.max_steps, convert=convert,
+            result = run_episode(env, policy, obs, max_steps=config.max_steps, convert=convert or relative_action,
                                  video_camera="static" if record_video else None)  # fmt: skip
             record = {"episode": index, "seed": seed + index, "task": task, "instruction": env.instruction,
                       "success": result.success, "steps": result.steps, "seconds": round(result.seconds, 3),
