@@ -144,3 +144,12 @@ def test_real_simpler_env():
     finally:
         env.close()
     assert results["episodes"] == 1 and results["records"][0]["steps"] == 60
+
+
+def test_cli_without_simpler_env_is_a_clear_error(tmp_path, capsys):
+    if importlib.util.find_spec("simpler_env") is not None:
+        pytest.skip("simpler_env is installed here; this checks the message on machines without it")
+    from omnistream_cli.main import main
+
+    code = main(["sim", "eval", "--env", "simpler", "--policy", "random", "--out", str(tmp_path)])
+    assert code == 2 and "SimplerEnv is not installed" in capsys.readouterr().err
