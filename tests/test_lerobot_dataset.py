@@ -295,3 +295,27 @@ def test_reader_reads_image_features_stored_in_parquet(tmp_path):
     ds = LeRobotDataset(root, image_format="uint8_hwc")
     np.testing.assert_array_equal(ds[2]["observation.images.top"], _image(60, 8, 8))  # PNG is lossless
     assert LeRobotDataset(root)[1]["observation.images.top"].shape == (3, 8, 8)
+
+
+def test_random_access_across_video_blocks(tmp_path):
+    """Long episodes are decoded in blocks; any access order returns the right frame."""
+    root = tmp_path / "ds"
+    features = {
+        "observation.images.cam": {"dtype": "video", "shape": [16, 16, 3]},
+        "action": {"dtype": "float32", "shape": [1]},
+    }
+    writer = LeRobotDatasetWriter(root, fps=10, features=features)
+    values = []
+    for length in (45, 30):
+        for i in range(length):
+            value = (5 * len(values)) % 250
+            values.append(value)
+            writer.add_frame({"observation.images.cam": _image(value, 16, 16), "action": [i], "task": "t"})
+        writer.save_episode()
+    writer.finalize()
+    ds = LeRobotDataset(root, image_format="uint8_hwc", video_block_s=1.0, video_cache_blocks=2)
+    order = np.random.default_rng(0).permutation(len(ds))
+    for idx in order:
+        got = float(ds[int(idx)]["observation.images.cam"][..., 0].mean())
+        assert abs(got - values[idx]) < 5, (int(idx), got, values[idx])
+    assert len(ds._video_cache) <= 2

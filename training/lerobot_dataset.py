@@ -581,7 +581,8 @@ class LeRobotDataset:
         episodes: list[int] | None = None,
         image_format: str = "float_chw",
         delta_timestamps: dict[str, list[float]] | None = None,
-        video_cache_episodes: int = 8,
+        video_cache_blocks: int = 16,
+        video_block_s: float = 2.0,
     ):
         import pandas as pd
 
@@ -615,8 +616,9 @@ class LeRobotDataset:
             int(e): int(np.flatnonzero(self._episode_of_row == e)[0]) for e in self._episode_by_index
         }
         self.delta_timestamps = self._check_deltas(delta_timestamps or {})
-        self._video_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._video_cache_size = video_cache_episodes
+        self._video_cache: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+        self._video_cache_size = video_cache_blocks
+        self._video_block = max(1, int(round(video_block_s * self.fps)))
 
     def _check_deltas(self, deltas: dict[str, list[float]]) -> dict[str, np.ndarray]:
         out = {}
@@ -645,18 +647,26 @@ class LeRobotDataset:
         start = self._row_of_episode_start[episode_index]
         return start, start + int(self._episode_by_index[episode_index]["length"])
 
-    def _episode_video(self, key: str, episode_index: int) -> np.ndarray:
-        cache_key = (key, episode_index)
-        if cache_key in self._video_cache:
+    def _video_frame(self, key: str, episode_index: int, frame_index: int) -> np.ndarray:
+        """One decoded frame. Frames are decoded in blocks of ``video_block_s`` seconds (the writer's key-frame
+        interval), cached LRU: sequential reads decode each frame once, random reads decode at most a block
+        plus the frames since the previous key frame, whatever the episode length."""
+        block = frame_index // self._video_block
+        cache_key = (key, episode_index, block)
+        frames = self._video_cache.get(cache_key)
+        if frames is None:
+            ep = self._episode_by_index[episode_index]
+            chunk, file = int(ep[f"videos/{key}/chunk_index"]), int(ep[f"videos/{key}/file_index"])
+            first = block * self._video_block
+            count = min(self._video_block, int(ep["length"]) - first)
+            from_s = float(ep[f"videos/{key}/from_timestamp"]) + first / self.fps
+            frames = decode_video_range(self.meta.video_path(key, chunk, file), from_s, count, self.fps)
+            self._video_cache[cache_key] = frames
+            while len(self._video_cache) > self._video_cache_size:
+                self._video_cache.popitem(last=False)
+        else:
             self._video_cache.move_to_end(cache_key)
-            return self._video_cache[cache_key]
-        ep = self._episode_by_index[episode_index]
-        path = self.meta.video_path(key, int(ep[f"videos/{key}/chunk_index"]), int(ep[f"videos/{key}/file_index"]))
-        frames = decode_video_range(path, float(ep[f"videos/{key}/from_timestamp"]), int(ep["length"]), self.fps)
-        self._video_cache[cache_key] = frames
-        while len(self._video_cache) > self._video_cache_size:
-            self._video_cache.popitem(last=False)
-        return frames
+        return frames[frame_index - block * self._video_block]
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         import torch
@@ -670,7 +680,7 @@ class LeRobotDataset:
         frame_index = int(row["frame_index"])
         item: dict[str, Any] = {}
         for key in self.meta.video_keys:
-            image = self._episode_video(key, episode)[frame_index]
+            image = self._video_frame(key, episode, frame_index)
             if self.image_format == "uint8_hwc":
                 item[key] = image
             else:
