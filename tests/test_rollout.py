@@ -72,7 +72,6 @@ def test_converter_is_applied_to_every_action_and_max_steps_is_respected():
     assert all(a[0] == 0.5 for a in env.actions)
 
 
-@pytest.mark.parametrize("bad", [np.zeros(6), np.zeros((2, 3)), np.array([np.nan] * 7)])
 def test_relative_action_clips_and_thresholds_the_gripper():
     from omnistream_sim.rollout import relative_action
 
@@ -81,6 +80,7 @@ def test_relative_action_clips_and_thresholds_the_gripper():
     assert relative_action(np.array([0, 0, 0, 0, 0, 0, -0.1]))[6] == -1.0
 
 
+@pytest.mark.parametrize("bad", [np.zeros(6), np.zeros((2, 3)), np.array([np.nan] * 7)])
 def test_bad_policy_output_is_a_clear_error(bad):
     class Bad:
         def reset(self):
