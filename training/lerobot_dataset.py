@@ -15,7 +15,10 @@ A frame's video time is its episode's ``videos/<key>/from_timestamp`` plus the f
 
 Reader API (what training consumes)::
 
-    ds = LeRobotDataset(root, image_format="float_chw")   # or "uint8_hwc"
+    ds = LeRobotDataset(root, image_format="float_chw",    # or "uint8_hwc"
+                        episodes=None,                  # or a list of episode indices
+                        delta_timestamps=None,          # {"action": [0, 1/fps, ...]} for action chunks
+                        video_block_s=2.0)              # videos decode in cached blocks of this length
     len(ds)                    # number of frames
     item = ds[i]               # dict:
         item["observation.images.<cam>"]   torch.float32 (3, H, W) in [0, 1]   (image_format="float_chw")
@@ -30,6 +33,7 @@ Reader API (what training consumes)::
     ds.stats                   {feature: {stat: numpy array}} (normalisation lives outside the model)
     ds.episode_frames(k)       the frames of episode k as (from, to) dataset indices
 
+Cameras stored as videos (what we write) or as ``image`` features (PNG/JPEG bytes in the data parquet) both read.
 ``delta_timestamps={"action": [0, 1/fps, ...]}`` returns action chunks (LeRobot's convention): offsets in
 seconds, clamped to the episode, with ``<key>_is_pad`` marking the clamped ones. Numeric features only.
 
