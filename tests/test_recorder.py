@@ -387,3 +387,49 @@ def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
     assert _read_strings(bag, "/instruction") == ["wave"]
     (episode,) = read_episode_events(bag)
     assert episode["instruction"] == "wave" and episode["stop_ns"] is not None
+
+
+@pytest.mark.ros
+def test_sigint_mid_episode_writes_everything(tmp_path):
+    """Ctrl-C (SIGINT) mid-episode: the node stops the episode and writes its buffer before exiting."""
+    import rclpy
+    from rclpy.node import Node
+    from std_msgs.msg import String
+    from std_srvs.srv import Trigger
+
+    out = tmp_path / "bags"
+    cmd = [
+        sys.executable, "-m", "omnistream_vla.recorder_node", "--ros-args",
+        "-p", "topics:=['/seq']", "-p", f"output_dir:={out}", "-p", "bag_name:=clean",
+        "-p", "chunk_duration_s:=60.0", "-p", "min_free_mb:=0.0",
+    ]  # fmt: skip
+    log_path = tmp_path / "recorder.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
+        rclpy.init()
+        try:
+            node = Node("seq_publisher_sigint")
+            pub = node.create_publisher(String, "/seq", 1000)
+            start = node.create_client(Trigger, "/recorder/start")
+            executor, thread = _spin_in_thread([node])
+            assert start.wait_for_service(timeout_sec=30), f"recorder_node did not come up: {log_path.read_text()}"
+            _wait(lambda: pub.get_subscription_count() > 0, timeout=20, what="recorder subscription")
+            assert _call(node, start).success
+            for k in range(50):
+                pub.publish(String(data=str(k)))
+                time.sleep(0.005)
+            time.sleep(1.0)  # let the last messages arrive
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0, log_path.read_text()
+            executor.shutdown()
+            thread.join(timeout=5)
+            node.destroy_node()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            rclpy.try_shutdown()
+    bag = out / "clean"
+    assert [int(v) for v in _read_strings(bag, "/seq")] == list(range(50))
+    (episode,) = read_episode_events(bag)
+    assert episode["stop_ns"] is not None  # stopped on the way out
