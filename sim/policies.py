@@ -174,6 +174,8 @@ class RosPolicy:
         self._instruction: str | None = None
         self.stops = 0
         self.steps = 0
+        self._frame_seconds = 0.0  # image published -> its features taken in by vla_node (perception + transport)
+        self._action_seconds = 0.0  # /clock tick -> EndEffectorAction received (VLA control step + transport)
 
     def _policy_backbone(self) -> Path:
         backbone = self.vla_config.backbone
@@ -228,7 +230,6 @@ class RosPolicy:
         self._instruction_pub = self.harness.create_publisher(String, "instruction", latched)
         self._clock_pub = self.harness.create_publisher(Clock, "/clock", 10)
         self._actions: list = []
-        self._action_event = threading.Event()
         self.harness.create_subscription(EndEffectorAction, "/vla_node/action", self._on_action, 10)
         self._reset_clients = [
             self.harness.create_client(Trigger, "/perception_node/reset"),
@@ -262,7 +263,16 @@ class RosPolicy:
     # ----- callbacks -----
     def _on_action(self, msg) -> None:
         self._actions.append(msg)
-        self._action_event.set()
+
+    def summary(self) -> dict[str, Any]:
+        """Timings and counts for results.json (the rollout loop adds them)."""
+        steps = max(self.steps, 1)
+        return {
+            "ros_perception_ms_per_frame": round(1000 * self._frame_seconds / steps, 3),
+            "ros_vla_ms_per_step": round(1000 * self._action_seconds / steps, 3),
+            "ros_stop_actions": self.stops,
+            "ros_steps": self.steps,
+        }
 
     def _publish_clock(self) -> None:
         from builtin_interfaces.msg import Time
@@ -306,7 +316,10 @@ class RosPolicy:
             self._wait(lambda: self._instruction_pub.get_subscription_count() > 0, "instruction subscriber")
             self._instruction_pub.publish(String(data=instruction))
             self._instruction = instruction
+        import time
+
         taken_in = self.vla.feature_stats.counts["processed"]
+        sent = time.perf_counter()
         stamp = self.vla.get_clock().now().to_msg()
         for cam in self.cameras:
             rgb = observation["images"][cam]
@@ -317,11 +330,13 @@ class RosPolicy:
             self._image_pubs[cam].publish(rgb_to_image(rgb, header))
         self._wait(lambda: self.vla.feature_stats.counts["processed"] >= taken_in + len(self.cameras),
                    "features from perception_node at vla_node")  # fmt: skip
-        self._action_event.clear()
+        ticked = time.perf_counter()
+        self._frame_seconds += ticked - sent
         received = len(self._actions)
         self._tick += 1
         self._publish_clock()
         self._wait(lambda: len(self._actions) > received, "EndEffectorAction from vla_node")
+        self._action_seconds += time.perf_counter() - ticked
         msg = self._actions[received]
         self.steps += 1
         if msg.stop:

@@ -170,6 +170,7 @@ def evaluate_tabletop(
         seconds=round(seconds, 2),
         policy_ms_per_step=round(float(np.mean([r["policy_ms_per_step"] for r in records])), 3),
         videos=video_paths,
+        **(policy.summary() if hasattr(policy, "summary") else {}),
     )
     if out is not None:
         write_results(results, out)

@@ -76,6 +76,8 @@ def test_ros_policy_via_cli(debug_policy_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["policy"] == f"ros:{debug_policy_dir}" and results["records"][0]["steps"] == 5
     assert len(results["videos"]) == 1
+    assert results["ros_steps"] == 5 and results["ros_stop_actions"] == 0
+    assert results["ros_perception_ms_per_frame"] > 0 and results["ros_vla_ms_per_step"] > 0
 
 
 def test_ros_policy_needs_a_policy_directory(tmp_path):
