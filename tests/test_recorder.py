@@ -81,6 +81,35 @@ def test_disk_full_keeps_buffer_then_retry_writes_everything(tmp_path):
     assert _read_strings(tmp_path / "b", "/x") == ["0", "1", "2", "3", "4"]
 
 
+def test_enospc_during_a_chunk_keeps_earlier_chunks_and_the_buffer(tmp_path, monkeypatch):
+    """The disk fills up while a chunk is written (fault injected into the rosbags writer): clear error, the
+    half-written chunk is cleaned up, metadata.yaml still lists only the good chunks, nothing is lost."""
+    import errno
+
+    from rosbags.rosbag2 import Writer
+
+    rec = BagRecorder(tmp_path, bag_name="b", min_free_bytes=0)
+    rec.add_topic("/x", "std_msgs/msg/String")
+    rec.add("/x", 1, _string_cdr("first"))
+    rec.flush()
+    real_write = Writer.write
+
+    def full_disk(self, connection, timestamp, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Writer, "write", full_disk)
+    rec.add("/x", 2, _string_cdr("second"))
+    rec.add("/x", 3, _string_cdr("third"))
+    with pytest.raises(RecordingError, match="disk full: writing chunk b_1"):
+        rec.flush()
+    assert rec.buffered_messages == 2
+    assert not any((tmp_path / "b" / ".incoming").iterdir())
+    assert _read_strings(tmp_path / "b", "/x") == ["first"]  # the bag stays readable
+    monkeypatch.setattr(Writer, "write", real_write)
+    rec.flush()
+    assert _read_strings(tmp_path / "b", "/x") == ["first", "second", "third"]
+
+
 def test_unwritable_path_then_new_output_dir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
