@@ -65,7 +65,8 @@ def test_real_env_resets_to_the_chain_state_and_the_oracle_sees_tasks(calvin_sim
     obs = calvin_sim.env.reset(robot_obs=chain.robot_obs.copy(), scene_obs=chain.scene_obs.copy())
     assert obs["rgb_obs"]["rgb_static"].shape == (200, 200, 3) and obs["rgb_obs"]["rgb_gripper"].shape == (84, 84, 3)
     assert obs["robot_obs"].shape == (15,) and obs["scene_obs"].shape == (24,)
-    np.testing.assert_allclose(obs["scene_obs"], chain.scene_obs, atol=2e-3)
+    # one physics step after the reset: blocks settle by a few mrad
+    np.testing.assert_allclose(obs["scene_obs"], chain.scene_obs, atol=1e-2)
     start = calvin_sim.env.get_info()
     led_off = chain.scene_obs.copy()
     led_off[5] = 0.0

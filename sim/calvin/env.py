@@ -72,6 +72,9 @@ class CalvinSimulator:
         close = getattr(self.env, "close", None)
         if close is not None:
             close()
+            # calvin_env's close is not idempotent and runs again from __del__: mark the client as gone
+            if hasattr(self.env, "cid"):
+                self.env.cid = -1
 
 
 def make_calvin_env(root: str | os.PathLike | None = None, renderer: str = "tiny") -> CalvinSimulator:
