@@ -121,6 +121,11 @@ def test_missing_topic_lists_what_exists(tmp_path):
     cfg = BagConversionConfig(camera_topics=["/front/image_raw"], action_topic="/action")
     with pytest.raises(ValueError, match=r"/front/image_raw.*it has: /action \[std_msgs/msg/Float32MultiArray\]"):
         convert_bags([bag], tmp_path / "ds", cfg)
+    (bag / "metadata.yaml").write_text("rosbag2_bagfile_information: {version: 999}\n")
+    with pytest.raises(ValueError, match="cannot read the bag"):
+        convert_bags([bag], tmp_path / "ds", cfg)
+    with pytest.raises(ValueError, match="not a rosbag2 directory"):
+        convert_bags([tmp_path / "nothing"], tmp_path / "ds", cfg)
 
 
 def test_cli_bag_to_lerobot_info_view(tmp_path, capsys):

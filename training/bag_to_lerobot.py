@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,22 @@ def _cdr_header_stamp(raw: bytes | memoryview, fallback: int) -> int:
     return ns if ns > 0 else fallback
 
 
+@contextmanager
+def _open_bag(bag: Path):
+    """A rosbags AnyReader; unreadable bags (corrupt metadata or storage) become a ValueError naming the bag."""
+    from rosbags.highlevel import AnyReader
+
+    reader = AnyReader([bag])
+    try:
+        reader.open()
+    except Exception as exc:  # rosbags raises its own error types
+        raise ValueError(f"{bag}: cannot read the bag: {exc}") from exc
+    try:
+        yield reader
+    finally:
+        reader.close()
+
+
 def _load_images(bag: Path, stream: _Stream, indices: np.ndarray) -> list[np.ndarray]:
     """Decode the messages ``indices`` of the camera ``stream`` (a second, windowed pass over the bag)."""
     from rosbags.highlevel import AnyReader
@@ -175,13 +192,12 @@ def _align_vectors(stream: _Stream, grid: np.ndarray, alignment: str) -> np.ndar
 
 
 def _read_bag(bag: Path, cfg: BagConversionConfig) -> tuple[dict[str, _Stream], list[dict[str, Any]]]:
-    from rosbags.highlevel import AnyReader
 
     from omnistream_vla.recording import EPISODE_EVENTS_TYPE
 
     if not (bag / "metadata.yaml").is_file() and not bag.is_file():
         raise ValueError(f"{bag} is not a rosbag2 directory (no metadata.yaml)")
-    with AnyReader([bag]) as reader:
+    with _open_bag(bag) as reader:
         available = {c.topic: c.msgtype for c in reader.connections}
         wanted = [*cfg.camera_topics, cfg.action_topic]
         wanted += [t for t in (cfg.state_topic, cfg.instruction_topic) if t]
