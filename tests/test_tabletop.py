@@ -182,6 +182,7 @@ def test_geometry_sequences_poses_and_depth_agree_across_frames(tmp_path):
     seq = seqs[0]
     assert seq.rgb.shape == (4, 48, 48, 3) and seq.depth.shape == (4, 48, 48) and seq.cam_to_world.shape == (4, 4, 4)
     assert not np.allclose(seq.cam_to_world[0], seq.cam_to_world[-1]), "the camera must move"
+    assert all(s.depth.max() < 2.9 for s in seqs), "the room bounds every view: no pixel at the far plane"
     # Back-project frame 0, re-project into frame 1: the predicted depth matches frame 1's depth where visible.
     K = seq.intrinsics
     pts = backproject(seq.depth[0], K, seq.cam_to_world[0]).reshape(-1, 3)

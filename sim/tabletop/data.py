@@ -19,7 +19,8 @@ strings) and ``index.json`` (one entry per episode: file, task, instruction, see
 
 Geometry sequences (for perception pre-training/eval) — ``generate_geometry_sequences(n, frames, seed)``:
 a camera orbiting the table at a seeded radius, height and speed, always looking at a point on the table, over a
-seeded block layout; the arm holds a seeded pose. Each :class:`GeometrySequence` has ``rgb (F, H, W, 3) uint8``,
+seeded block layout; the arm holds a seeded pose. The room's floor and walls bound every view, so every pixel
+has valid depth (well inside the far plane). Each :class:`GeometrySequence` has ``rgb (F, H, W, 3) uint8``,
 ``depth (F, H, W) float32`` metres, ``intrinsics (3, 3)`` and ``cam_to_world (F, 4, 4)`` (OpenCV convention:
 x right, y down, z forward). Saved as ``sequence_000000.npz`` with ``index.json`` when ``out_dir`` is given.
 """

@@ -44,6 +44,11 @@ TCP_LINK = 11  # panda_grasptarget: between the fingertips
 HAND_LINK = 8
 HOME_JOINTS = (0.0, -0.25, 0.0, -2.3, 0.0, 2.05, math.pi / 4)
 FINGER_OPEN = 0.04
+# The room (metres, world frame): every view of the table ends on a wall or the floor well inside the far plane.
+ROOM_X = (-0.8, 1.8)
+ROOM_Y = (-1.2, 1.2)
+ROOM_FLOOR_Z = -0.76
+ROOM_WALL_HEIGHT = 2.2
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,7 @@ class TabletopEnv:
         table_vis = p.createVisualShape(p.GEOM_BOX, halfExtents=[0.6, 0.6, 0.02], rgbaColor=[0.72, 0.6, 0.45, 1])
         self.table = p.createMultiBody(0, table_col, table_vis, basePosition=[0.45, 0, -0.02])
         p.changeDynamics(self.table, -1, lateralFriction=0.6)
+        self._build_room()
         self.robot = p.loadURDF(str(light_panda_urdf()), [0, 0, 0], useFixedBase=True)
         for link in range(-1, p.getNumJoints(self.robot)):
             grey = 0.35 if link >= HAND_LINK else 0.85  # dark hand and fingers, light arm
@@ -205,6 +211,23 @@ class TabletopEnv:
         self._ik_lower = lower + [0.0, 0.0]
         self._ik_upper = upper + [FINGER_OPEN, FINGER_OPEN]
         self._ik_ranges = [u - lo for u, lo in zip(self._ik_upper, self._ik_lower)]
+
+    def _build_room(self) -> None:
+        """Floor and walls around the table, so every camera pixel sees geometry (no "sky" at the far plane):
+        depth ground truth is then valid everywhere, for the static and the moving cameras."""
+        p = self._p
+        (x0, x1), (y0, y1), floor, height = ROOM_X, ROOM_Y, ROOM_FLOOR_Z, ROOM_WALL_HEIGHT
+        cx, cy, zc = (x0 + x1) / 2, (y0 + y1) / 2, floor + height / 2
+        slabs = [  # (half extents, centre, colour)
+            ([(x1 - x0) / 2, (y1 - y0) / 2, 0.01], [cx, cy, floor - 0.01], [0.45, 0.45, 0.47, 1]),
+            ([0.01, (y1 - y0) / 2, height / 2], [x0 - 0.01, cy, zc], [0.78, 0.8, 0.84, 1]),
+            ([0.01, (y1 - y0) / 2, height / 2], [x1 + 0.01, cy, zc], [0.78, 0.8, 0.84, 1]),
+            ([(x1 - x0) / 2, 0.01, height / 2], [cx, y0 - 0.01, zc], [0.7, 0.74, 0.8, 1]),
+            ([(x1 - x0) / 2, 0.01, height / 2], [cx, y1 + 0.01, zc], [0.7, 0.74, 0.8, 1]),
+        ]
+        for half, centre, rgba in slabs:
+            vis = p.createVisualShape(p.GEOM_BOX, halfExtents=half, rgbaColor=rgba)
+            p.createMultiBody(0, -1, vis, basePosition=centre)  # visual only: nothing touches the room
 
     def close(self) -> None:
         if self._p is not None:
