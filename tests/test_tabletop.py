@@ -209,6 +209,7 @@ def test_demonstrations_format_and_roundtrip(tmp_path):
         T = len(ep)
         assert ep.arrays["static"].shape == (T, 64, 64, 3) and ep.arrays["wrist"].shape == (T, 48, 48, 3)
         assert ep.arrays["state"].shape == (T, 15) and ep.arrays["static_depth"].shape == (T, 64, 64)
+        assert ep.arrays["static_cam_to_world"].shape == (4, 4) and ep.arrays["wrist_cam_to_world"].shape == (T, 4, 4)
         actions = ep.arrays["actions"]
         assert np.all(np.abs(actions[:, :6]) <= 1.0) and set(np.unique(actions[:, 6])) <= {-1.0, 1.0}
         assert (actions[:, 6] == -1.0).any(), "a lift closes the gripper"

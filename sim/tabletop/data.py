@@ -9,6 +9,7 @@ Arrays of one episode with T control steps (observation t is what the policy saw
     static    (T, H, W, 3)  uint8   static camera RGB
     wrist     (T, Hw, Ww, 3) uint8  wrist camera RGB (absent when config.render_wrist is False)
     static_depth (T, H, W)  float32 metres; static_intrinsics (3, 3); static_cam_to_world (4, 4) (fixed camera)
+    wrist_intrinsics (3, 3); wrist_cam_to_world (T, 4, 4) (moves with the hand; no wrist depth, to keep files small)
     state     (T, 15)       float32 robot state (see env.py)
     scene     (T, 9)        float32 block centres
     actions   (T, 7)        float32 relative actions in [-1, 1], gripper exactly +-1
@@ -95,8 +96,9 @@ def record_expert_episode(env: TabletopEnv, seed: int, task: str) -> Episode:
         if done:
             break
     arrays = {k: np.stack(v) for k, v in frames.items()}
-    for name in ("intrinsics", "cam_to_world"):  # the static camera does not move: store it once
-        arrays[f"static_{name}"] = arrays.pop(f"static_{name}")[0]
+    for name in ("static_intrinsics", "static_cam_to_world", "wrist_intrinsics"):  # constant: store once
+        if name in arrays:
+            arrays[name] = arrays[name][0]
     return Episode(arrays, env.instruction, env.task.name, seed, bool(success))
 
 
@@ -104,8 +106,9 @@ def _append(frames: dict[str, list], obs: dict, action: np.ndarray) -> None:
     for cam, rgb in obs["images"].items():
         frames.setdefault(cam, []).append(rgb)
     frames.setdefault("static_depth", []).append(obs["depth"]["static"])
-    frames.setdefault("static_intrinsics", []).append(obs["intrinsics"]["static"])
-    frames.setdefault("static_cam_to_world", []).append(obs["cam_to_world"]["static"])
+    for cam in obs["images"]:
+        frames.setdefault(f"{cam}_intrinsics", []).append(obs["intrinsics"][cam])
+        frames.setdefault(f"{cam}_cam_to_world", []).append(obs["cam_to_world"][cam])
     frames.setdefault("state", []).append(obs["state"])
     frames.setdefault("scene", []).append(obs["scene"])
     frames.setdefault("actions", []).append(np.asarray(action, dtype=np.float32))
