@@ -49,7 +49,8 @@ def test_bench_vla_writes_json(tmp_path):
     report = json.loads(path.read_text())
     r = report["results"]
     assert r["chunk_size"] == 4 and r["visual_tokens"] == 4
-    assert r["llm_forward_ms"] > 0 and r["step_ms_amortised"] > 0
+    assert r["llm_forward_ms"] > 0 and r["llm_forward_prefix_cached_ms"] > 0 and r["step_ms_amortised"] > 0
+    assert r["prefix_tokens"] > 0 and r["sequence_tokens"] > r["prefix_tokens"] + r["visual_tokens"]
     # The chunk queue: most steps only pop, so the amortised step is far cheaper than the worst one.
     assert r["step_ms_min"] < r["step_ms_max"] / 5
     assert r["tokenize_cached_ms"] < r["tokenize_ms"]

@@ -191,3 +191,19 @@ def test_bad_batches_are_clear_errors():
         policy.predict_action_chunk({"observation.images.static": torch.zeros(1, 3, 64, 64), "task": ["x"]})
     with pytest.raises(ValueError, match="unknown VLA preset"):
         OmniStreamVLAConfig.preset("huge")
+
+
+def test_prefix_cache_matches_the_full_pass_and_follows_weight_changes():
+    policy = _policy()
+    obs = {"observation.features.static": _features(1), "task": ["open the drawer"]}
+    full = policy.predict_action_chunk(obs, normalized=True)
+    policy.use_prefix_cache = True
+    cached = policy.predict_action_chunk(obs, normalized=True)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(policy.predict_action_chunk(obs, normalized=True), cached), "a reused cache is not mutated"
+    with torch.no_grad():
+        policy.llm.model.layers[0].mlp.up_proj.weight.mul_(1.5)  # e.g. an optimiser step
+    changed = policy.predict_action_chunk(obs, normalized=True)
+    policy.use_prefix_cache = False
+    torch.testing.assert_close(changed, policy.predict_action_chunk(obs, normalized=True), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(changed, cached, atol=1e-6)

@@ -3,6 +3,7 @@
 Measured on random weights of the preset's real shapes (no download) or on a policy directory:
 * ``tokenize_ms`` / ``tokenize_cached_ms``: prompt ids of a new instruction vs a repeated one (cached);
 * ``llm_forward_ms``: one chunk prediction from features (projector + Qwen2 + action head);
+* ``llm_forward_prefix_cached_ms``: the same with the system prefix's K/V reused (``use_prefix_cache``);
 * ``backbone_ms`` (``--images``): one frame through the frozen backbone (the in-process simulator path);
 * ``step_ms_amortised``: mean time of ``select_action`` over whole chunks (one LLM forward per chunk);
 * ``step_ms_max``: the worst control step (the one that runs the LLM).
@@ -75,6 +76,9 @@ def benchmark_vla(policy, repeats: int = 5, chunks: int = 3, images: bool = Fals
     tokenize_cached_ms = _median_ms(lambda: processor.encode_instruction("open the drawer"), device, repeats)
     with torch.inference_mode():
         llm_ms = _median_ms(lambda: policy.predict_action_chunk(observation), device, repeats)
+        policy.use_prefix_cache = True  # the system prefix's K/V reused across steps
+        llm_prefix_ms = _median_ms(lambda: policy.predict_action_chunk(observation), device, repeats)
+        policy.use_prefix_cache = False
         backbone_ms = None
         if images:
             frame = torch.rand(1, 3, config.image_size, config.image_size, generator=generator).to(device)
@@ -104,7 +108,9 @@ def benchmark_vla(policy, repeats: int = 5, chunks: int = 3, images: bool = Fals
         "actions_per_chunk": config.actions_per_chunk,
         "tokenize_ms": round(tokenize_ms, 3),
         "tokenize_cached_ms": round(tokenize_cached_ms, 4),
+        "prefix_tokens": len(prompt.prefix),
         "llm_forward_ms": round(llm_ms, 3),
+        "llm_forward_prefix_cached_ms": round(llm_prefix_ms, 3),
         "backbone_ms": None if backbone_ms is None else round(backbone_ms, 3),
         "step_ms_amortised": round(sum(steps) / len(steps), 3),
         "step_ms_max": round(max(steps), 3),

@@ -79,6 +79,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     "action_mode": ParamSpec("relative", "EndEffectorAction.mode: relative | absolute"),
     "frame_id": ParamSpec("base_link", "frame_id of ~/action and ~/twist"),
     "initial_gripper": ParamSpec(1.0, "gripper held by stop actions before the first command: 1 open | -1 close"),
+    "prefix_cache": ParamSpec(False, "reuse the system prompt's K/V across steps (equal up to float rounding)", True),
     "use_joint_states": ParamSpec(False, "subscribe to joint_states (reported in diagnostics)", True),
     "instruction_durability": ParamSpec("transient_local", "instruction QoS: transient_local | volatile", True),
     "diagnostics_period": ParamSpec(1.0, "seconds between /diagnostics reports (> 0)", True),
@@ -124,6 +125,7 @@ class VLANode(Node):
 
         self.policy = policy if policy is not None else self._load_policy()
         self.policy.eval()
+        self.policy.use_prefix_cache = bool(self._param("prefix_cache"))
         self.cameras = list(self.policy.config.cameras)
         self._lock = threading.Lock()  # state shared by the callbacks
         self._policy_lock = threading.Lock()  # a reset never interleaves with an inference

@@ -29,6 +29,7 @@ statistics, gripper exactly +1 or -1. Environment conventions are converted by t
 from __future__ import annotations
 
 import collections
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +139,11 @@ class OmniStreamVLAPolicy(nn.Module):
         else:
             self.backbone = None
         self._queue: collections.deque[torch.Tensor] = collections.deque()
+        # Opt-in reuse across control steps: the K/V of the fixed system prefix (identical for every step and
+        # instruction) are computed once. Equal to the full pass up to float rounding (~1e-7), not bit for bit,
+        # hence off by default. Used only for single-sample inference without gradients.
+        self.use_prefix_cache = False
+        self._prefix_cache: tuple[tuple, Any] | None = None
 
     # ------------------------------------------------------------------------------------------------------
     # Construction, saving, loading
@@ -219,6 +225,7 @@ class OmniStreamVLAPolicy(nn.Module):
 
     def train(self, mode: bool = True) -> OmniStreamVLAPolicy:
         super().train(mode)
+        self._prefix_cache = None
         if self.backbone is not None:
             self.backbone.eval()  # frozen: no dropout/statistics updates, whatever the policy's mode
         return self
@@ -322,8 +329,29 @@ class OmniStreamVLAPolicy(nn.Module):
 
     def query_hidden_state(self, batch: dict[str, Any]) -> torch.Tensor:
         inputs, mask, position_ids = self.build_inputs(self.visual_features(batch), self.instructions_of(batch))
+        if self.use_prefix_cache and inputs.shape[0] == 1 and not self.training and not torch.is_grad_enabled():
+            return self._query_hidden_state_with_prefix_cache(inputs, mask, position_ids)
         out = self.llm.model(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state[:, -1].float()  # the action query is last in every row (left padding)
+
+    def _query_hidden_state_with_prefix_cache(self, inputs, mask, position_ids) -> torch.Tensor:
+        prefix_len = len(self.processor.encode_instruction("x").prefix)
+        # Any in-place change of the LLM's weights (an optimiser step, a load) bumps a version: the cache is rebuilt.
+        key = (prefix_len, inputs.device, inputs.dtype, tuple(p._version for p in self.llm.parameters()))
+        if self._prefix_cache is None or self._prefix_cache[0] != key:
+            out = self.llm.model(
+                inputs_embeds=inputs[:, :prefix_len], position_ids=position_ids[:, :prefix_len], use_cache=True
+            )
+            self._prefix_cache = (key, out.past_key_values)
+        cache = copy.deepcopy(self._prefix_cache[1])  # the forward appends to the cache it is given
+        out = self.llm.model(
+            inputs_embeds=inputs[:, prefix_len:],
+            attention_mask=mask,
+            position_ids=position_ids[:, prefix_len:],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.last_hidden_state[:, -1].float()
 
     def predict_normalized(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(arm in [-1, 1] (B, chunk, 6), gripper logits (B, chunk, 1))."""
