@@ -90,7 +90,7 @@ def make_calvin_env(root: str | os.PathLike | None = None, renderer: str = "tiny
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))  # the checkout may not be pip-installed; its package sits at the root
     try:
-        import calvin_env  # noqa: F401
+        import calvin_env
         import hydra
         from hydra import compose, initialize_config_dir
         from hydra.core.global_hydra import GlobalHydra
@@ -101,6 +101,9 @@ def make_calvin_env(root: str | os.PathLike | None = None, renderer: str = "tiny
             f"(pip install -r {root / 'requirements.txt'}) into this environment"
         ) from None
 
+    imported_from = Path(calvin_env.__file__).resolve().parent
+    if root not in imported_from.parents:  # another install shadows the checkout: the recorded commit would lie
+        raise ValueError(f"calvin_env imports from {imported_from}, not from {root}; uninstall the other copy")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(root / "conf"), version_base=None):
         cfg = compose(config_name=CONFIG_NAME, overrides=list(OVERRIDES))
