@@ -18,13 +18,29 @@ pytestmark = pytest.mark.ros
 def test_bench_node_reports_overhead_and_drops_under_a_fast_camera(fixture_a, tmp_path):
     out = tmp_path / "node.json"
     argv = ["bench", "node", "--checkpoint", str(fixture_a), "--image-size", "96x64", "--frames", "4"]
-    argv += ["--warmup", "1", "--stream-frames", "24", "--rate", "60", "--extra-model-ms", "60", "--json", str(out)]
+    argv += [
+        "--warmup",
+        "1",
+        "--null-frames",
+        "10",
+        "--stream-frames",
+        "24",
+        "--rate",
+        "60",
+        "--extra-model-ms",
+        "60",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     o = report["overhead"]
     assert o["frames"] == 4 and o["bare_model_step_ms"] > 0 and o["end_to_end_features_ms"] > 0
     assert o["ratio"] == pytest.approx(o["end_to_end_features_ms"] / o["bare_model_step_ms"], rel=0.01)
     assert o["ros_side_ms"] >= 0 and isinstance(o["within_budget"], bool)
+    # the node alone, with the model stand-in
+    assert o["node_only_frames"] >= 8 and o["node_only_ms"] > 0
+    assert o["budget_measure"] == "node_only_ms" and o["within_budget"] == (o["node_only_ms"] < 10.0)
     r = report["realtime"]
     assert r["published"] == 24 and r["newest_frame_processed"]
     # a model at > 60 ms per frame and a 60 Hz camera: most frames are superseded, none queue up

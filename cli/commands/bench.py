@@ -54,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=30, help="timed frames for the overhead (default 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed frames first (default 3)")
     p.add_argument("--stream-frames", type=int, default=2000, help="frames at --rate (default 2000; 0 skips)")
+    p.add_argument("--null-frames", type=int, default=100, help="frames for the node-alone measurement (default 100)")
     p.add_argument("--rate", type=float, default=30.0, help="camera rate in Hz for the real-time part (default 30)")
     p.add_argument("--extra-model-ms", type=float, default=0.0, help="make the model slower by this much per frame")
     p.add_argument("--window", type=int, default=None, help="bounded KV cache of W frames (default unbounded)")
