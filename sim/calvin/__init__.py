@@ -89,15 +89,15 @@ def run_evaluation(
     import time
 
     from ..report import build_results, write_results
-    from ..video import write_video
 
     instructions = instructions if instructions is not None else load_instructions()
-    selected = select_chains(all_chains if all_chains is not None else generate_chains(), chains, shard)
+    source = all_chains if all_chains is not None else generate_chains()
+    selected = select_chains(source, chains, shard)
     if not selected:
         raise ValueError(f"shard {shard[0]}/{shard[1]} of {chains} chains is empty")
     start = time.perf_counter()
     desc = f"calvin/{policy_name}" + (f" [{shard[0]}/{shard[1]}]" if shard[1] > 1 else "")
-    records, clips = evaluate_chains(
+    records, videos_written = evaluate_chains(
         env,
         policy,
         oracle,
@@ -106,14 +106,11 @@ def run_evaluation(
         ep_len=ep_len,
         seed=seed,
         videos=videos,
+        video_dir=Path(out_dir) / "videos" if out_dir is not None else None,
         progress=progress,
         desc=desc,
     )
-    video_paths = []
-    if out_dir is not None:
-        for chain, frames in clips:
-            path = write_video(frames, Path(out_dir) / "videos" / f"chain_{chain.index:04d}.mp4", fps=30)
-            video_paths.append(str(path.relative_to(out_dir)))
+    video_paths = [str(p.relative_to(out_dir)) for p in videos_written]
     if "calvin_env_commit" in extra:  # per record too, so merging shards of different commits is refused
         for r in records:
             r["calvin_env_commit"] = extra["calvin_env_commit"]
@@ -126,7 +123,7 @@ def run_evaluation(
         summarize=summarize_records,
         seed=seed,
         ep_len=ep_len,
-        chains_total=chains if chains is not None else NUM_CHAINS,
+        chains_total=chains if chains is not None else len(source),
         seconds=round(seconds, 2),
         ms_per_step=round(1000 * seconds / max(total_steps, 1), 2),
         **extra,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -175,26 +176,34 @@ def evaluate_chains(
     ep_len: int = EP_LEN,
     seed: int = 0,
     videos: int = 0,
+    video_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "calvin",
-) -> tuple[list[dict[str, Any]], list[tuple[EvalChain, list[np.ndarray]]]]:
-    """Run chains in order with a progress bar showing the running i-in-a-row rates and average length."""
+) -> tuple[list[dict[str, Any]], list[Path]]:
+    """Run chains in order with a progress bar showing the running i-in-a-row rates and average length.
+
+    The static camera of the first ``videos`` chains goes to ``video_dir/chain_XXXX.mp4``, written as soon as
+    the chain ends (a 5-subtask chain is up to 1800 frames; holding several in memory would be wasteful).
+    """
     from tqdm import tqdm
+
+    from ..video import write_video
 
     chains = list(chains)
     records: list[dict[str, Any]] = []
-    clips: list[tuple[EvalChain, list[np.ndarray]]] = []
+    video_paths: list[Path] = []
     bar = tqdm(chains, desc=desc, unit="chain", disable=not progress)
     for k, chain in enumerate(bar):
+        record_video = video_dir is not None and k < videos
         record, frames = evaluate_chain(
-            env, policy, oracle, chain, instructions, ep_len=ep_len, seed=seed, record_video=k < videos
+            env, policy, oracle, chain, instructions, ep_len=ep_len, seed=seed, record_video=record_video
         )
         records.append(record)
-        if frames:
-            clips.append((chain, frames))
+        if record_video and frames:
+            video_paths.append(write_video(frames, Path(video_dir) / f"chain_{chain.index:04d}.mp4", fps=30))
         done = [r["completed"] for r in records]
         rates = chain_success_rates(done)
         bar.set_postfix_str(
             " ".join(f"{i}:{rates[str(i)] * 100:.0f}%" for i in range(1, 6)) + f" len {np.mean(done):.2f}"
         )
-    return records, clips
+    return records, video_paths
