@@ -1,0 +1,369 @@
+"""VLA finetuning (paper C.4, VLM4VLA recipe): ``omnistream train vla``.
+
+The backbone is frozen and nothing augments the images, so each frame's pooled patch tokens are computed
+ONCE (progress bar) and training runs on cached features: the same gradients as running the frozen backbone
+every step, for a fraction of the cost. Trained: the projector (its own group, lr 1e-4), the LLM with its text
+embeddings, the action query and the action head (lr 2e-5); Adam, warm-up + cosine, gradient clip 1.0,
+bf16 autocast where the device supports it. Action statistics are computed from the dataset and saved with
+the policy (``normalization.safetensors``) and as ``<out>/action_stats.json``.
+
+Datasets (detected from the directory):
+* LeRobot v3 (``meta/info.json``), read with ``omnistream_train.lerobot_dataset``;
+* CALVIN splits (``lang_annotations/auto_lang_ann.npy`` or ``ep_start_end_ids.npy`` + ``episode_XXXXXXX.npz``);
+* tabletop demonstrations (``index.json`` + ``episode_XXXXXX.npz`` from ``omnistream_sim.tabletop``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import _apply, warmup_cosine
+from .data import sample_indices
+from .distributed import (
+    DistributedContext,
+    average_gradients,
+    broadcast_parameters,
+    gather_strings,
+    init_distributed,
+    mean_across_ranks,
+    shutdown_distributed,
+    weights_digest,
+)
+from .metrics import MetricsLogger
+
+
+@dataclass
+class VLATrainConfig:
+    policy_preset: str = "debug"  # OmniStreamVLAConfig preset: debug | qwen2.5-0.5b | ... | qwen2.5-7b
+    policy_overrides: dict[str, Any] = field(default_factory=dict)
+    backbone: str | None = None  # backbone directory; None = a random backbone of ``backbone_preset``
+    backbone_preset: str = "debug"
+    cameras: list[str] = field(default_factory=lambda: ["static"])
+    batch_size: int = 8
+    max_steps: int | None = 1000
+    epochs: float | None = None  # when set, max_steps = epochs * frames / (batch * world)
+    lr: float = 2e-5
+    projector_lr: float = 1e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto (bf16 on GPUs that support it) | bf16 | fp32
+    normalization_mode: str | None = None  # None = the policy preset's
+    seed: int = 0
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    eval_episodes: int = 0
+    eval_tasks: str = "all"
+    feature_batch: int = 32
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> VLATrainConfig:
+        presets: dict[str, dict[str, Any]] = {
+            "paper": dict(policy_preset="qwen2.5-7b", backbone_preset="large", batch_size=8, max_steps=None, epochs=5),
+            "debug": dict(batch_size=8, max_steps=150, lr=1e-3, projector_lr=2e-3, warmup_steps=10, save_every=50,
+                          policy_overrides={"head_trunk_dim": 128, "head_branch_dims": [128, 64, 32]}),
+            "demo": dict(batch_size=16, max_steps=600, lr=5e-4, projector_lr=1e-3, warmup_steps=30, save_every=200),
+        }  # fmt: skip
+        if name not in presets:
+            raise ValueError(f"unknown VLA preset {name!r}; choose one of {sorted(presets)}")
+        return _apply(cls(**presets[name]), overrides)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Episodes from the three dataset formats
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class EpisodeData:
+    images: dict[str, Any]  # camera -> (T, H, W, 3) uint8 array, or (T, 3, H, W) float in [0, 1]
+    actions: np.ndarray  # (T, 7)
+    instruction: str
+
+
+def detect_format(root: Path) -> str:
+    if (root / "meta" / "info.json").is_file():
+        return "lerobot"
+    if (root / "lang_annotations" / "auto_lang_ann.npy").is_file() or (root / "ep_start_end_ids.npy").is_file():
+        return "calvin"
+    if (root / "index.json").is_file():
+        return "tabletop"
+    raise ValueError(
+        f"{root} is not a LeRobot v3 directory (meta/info.json), a CALVIN split (lang_annotations/) or tabletop "
+        "demonstrations (index.json)"
+    )
+
+
+def load_episodes(root: str | Path, cameras: list[str]) -> list[EpisodeData]:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset directory {root} does not exist")
+    kind = detect_format(root)
+    if kind == "lerobot":
+        return _lerobot_episodes(root, cameras)
+    if kind == "calvin":
+        return _calvin_episodes(root, cameras)
+    return _tabletop_episodes(root, cameras)
+
+
+def _lerobot_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
+    from .lerobot_dataset import LeRobotDataset
+
+    ds = LeRobotDataset(root, image_format="uint8_hwc")
+    keys = {cam: f"observation.images.{cam}" for cam in cameras}
+    missing = [k for k in keys.values() if k not in ds.meta.camera_keys]
+    if missing:
+        raise ValueError(f"{root} has cameras {ds.meta.camera_keys}, not {missing}; set cameras accordingly")
+    episodes = []
+    for k in range(ds.num_episodes):
+        start, stop = ds.episode_frames(k)
+        items = [ds[i] for i in range(start, stop)]
+        images = {cam: np.stack([np.asarray(it[key]) for it in items]) for cam, key in keys.items()}
+        actions = np.stack([np.asarray(it["action"], dtype=np.float32) for it in items])
+        episodes.append(EpisodeData(images, actions, str(items[0]["task"])))
+    return episodes
+
+
+def _calvin_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
+    from .calvin_to_lerobot import CalvinConversionConfig, calvin_windows
+
+    use_language = (root / "lang_annotations" / "auto_lang_ann.npy").is_file()
+    windows = calvin_windows(root, CalvinConversionConfig(use_language=use_language, default_task="do the task"))
+    episodes = []
+    for start, end, text in windows:
+        frames = [np.load(root / f"episode_{i:07d}.npz") for i in range(start, end + 1)]
+        images = {cam: np.stack([f[f"rgb_{cam}"] for f in frames]) for cam in cameras}
+        actions = np.stack([f["rel_actions"].astype(np.float32) for f in frames])
+        episodes.append(EpisodeData(images, actions, text))
+    return episodes
+
+
+def _tabletop_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
+    index = json.loads((root / "index.json").read_text())
+    if "episodes" not in index:
+        raise ValueError(f"{root}/index.json lists no 'episodes' (geometry sequences are not demonstrations)")
+    episodes = []
+    for entry in index["episodes"]:
+        with np.load(root / entry["file"]) as f:
+            missing = [c for c in cameras if c not in f.files]
+            if missing:
+                raise ValueError(f"{root / entry['file']} has no camera {missing}")
+            episodes.append(
+                EpisodeData({c: f[c] for c in cameras}, f["actions"].astype(np.float32), str(f["instruction"]))
+            )
+    return episodes
+
+
+def action_chunks(actions: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per step t the actions t..t+chunk-1 (last action repeated past the end) and the pad mask (T, chunk)."""
+    t = actions.shape[0]
+    idx = np.arange(t)[:, None] + np.arange(chunk)[None]
+    pad = idx >= t
+    return actions[np.minimum(idx, t - 1)], pad
+
+
+def action_statistics(actions: np.ndarray) -> dict[str, np.ndarray]:
+    """LeRobot's per-dimension statistics of (N, A) actions."""
+    return {
+        "min": actions.min(0),
+        "max": actions.max(0),
+        "mean": actions.mean(0),
+        "std": actions.std(0),
+        "q01": np.quantile(actions, 0.01, axis=0),
+        "q99": np.quantile(actions, 0.99, axis=0),
+        "count": np.array([actions.shape[0]]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------
+def _precision(config: VLATrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.precision == "fp32":
+        return None
+    if config.precision == "bf16":
+        return torch.bfloat16
+    if config.precision != "auto":
+        raise ValueError(f"precision must be auto|bf16|fp32, got {config.precision!r}")
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def build_policy(config: VLATrainConfig, stats: dict[str, np.ndarray], device: torch.device):
+    from omnistream_perception.model import OmniStreamModel
+    from omnistream_vla.normalization import ActionNormalizer
+    from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy
+
+    torch.manual_seed(config.seed)
+    if config.backbone:
+        backbone = OmniStreamModel.from_pretrained(config.backbone)
+    else:
+        backbone = OmniStreamModel.from_preset(config.backbone_preset)
+    overrides = dict(config.policy_overrides)
+    overrides.update(vision_hidden_size=backbone.config.hidden_size, cameras=tuple(config.cameras))
+    overrides.setdefault("lr", config.lr)
+    overrides.setdefault("projector_lr", config.projector_lr)
+    overrides.setdefault("grad_clip", config.grad_clip)
+    if config.normalization_mode:
+        overrides["normalization_mode"] = config.normalization_mode
+    policy_config = OmniStreamVLAConfig.preset(config.policy_preset, **overrides)
+    arm = policy_config.arm_dims
+    normalizer = ActionNormalizer(
+        policy_config.normalization_mode, arm, {k: torch.as_tensor(v[:arm]) for k, v in stats.items() if k != "count"}
+    )
+    policy = OmniStreamVLAPolicy(policy_config, normalizer=normalizer, backbone=backbone)
+    return policy.to(device)
+
+
+@torch.no_grad()
+def cache_features(
+    policy, episodes: list[EpisodeData], cameras: list[str], batch: int, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Pooled patch tokens of every frame, per camera: (N_frames, n, D) float32 (frozen backbone, run once)."""
+    from tqdm.auto import tqdm
+
+    total = sum(len(e.actions) for e in episodes)
+    out: dict[str, list[torch.Tensor]] = {cam: [] for cam in cameras}
+    bar = tqdm(total=total * len(cameras), desc="frozen features", unit="frame", disable=not progress)
+    for ep in episodes:
+        for cam in cameras:
+            frames = ep.images[cam]
+            for s in range(0, len(frames), batch):
+                chunk = frames[s : s + batch]
+                out[cam].append(policy.encode_images(chunk).float().cpu())
+                bar.update(len(chunk))
+    bar.close()
+    return {cam: torch.cat(v) for cam, v in out.items()}
+
+
+def run_vla_training(
+    config: VLATrainConfig,
+    dataset: str | Path,
+    out_dir: str | Path,
+    resume: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    from tqdm.auto import tqdm
+
+    ctx = init_distributed(device)
+    try:
+        return _train(config, dataset, Path(out_dir), resume, ctx, progress, tqdm)
+    finally:
+        shutdown_distributed()
+
+
+def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress: bool, tqdm) -> dict:
+    episodes = load_episodes(dataset, config.cameras)
+    if not episodes:
+        raise ValueError(f"{dataset} holds no episodes")
+    all_actions = np.concatenate([e.actions for e in episodes])
+    if all_actions.ndim != 2 or all_actions.shape[1] != 7:
+        raise ValueError(f"actions must be 7-D (6 arm + gripper), got shape {all_actions.shape[1:]}")
+    stats = action_statistics(all_actions)
+    policy = build_policy(config, stats, ctx.device)
+    chunk = policy.config.chunk_size
+    show = progress and ctx.is_main
+    features = cache_features(policy, episodes, config.cameras, config.feature_batch, show)
+    chunks, pads, tasks = [], [], []
+    for e in episodes:
+        a, p = action_chunks(e.actions, chunk)
+        chunks.append(torch.from_numpy(a))
+        pads.append(torch.from_numpy(p))
+        tasks += [e.instruction] * len(e.actions)
+    chunks_t, pads_t = torch.cat(chunks), torch.cat(pads)
+    frames = len(tasks)
+    max_steps = config.max_steps
+    if config.epochs is not None:
+        max_steps = max(1, int(config.epochs * frames / (config.batch_size * ctx.world_size)))
+    if not max_steps:
+        raise ValueError("set max_steps or epochs")
+
+    policy.train()
+    broadcast_parameters(policy, ctx)
+    groups = policy.parameter_groups()
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=0.0)
+    params = [p for g in groups for p in g["params"]]
+    step = 0
+    if resume:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            path = latest_checkpoint(path / "checkpoints") or path
+        scalars = load_checkpoint(path, {"policy": policy}, optimizer)
+        if scalars.get("world_size", 1) != ctx.world_size:
+            raise ValueError(f"{path} was written by {scalars['world_size']} processes; resume with as many")
+        step = int(scalars["step"])
+    autocast_dtype = _precision(config, ctx.device)
+    logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=step if resume else None)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "vla_train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        stats_json = {k: np.asarray(v).tolist() for k, v in stats.items()}
+        (out / "action_stats.json").write_text(json.dumps({"action": stats_json}, indent=2) + "\n")
+    bar = tqdm(total=max_steps, initial=step, desc="vla", disable=not show)
+    began = time.perf_counter()
+    first_loss, logs = None, {}
+    while step < max_steps:
+        scale = warmup_cosine(step, config.warmup_steps, max_steps, config.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        idx = sample_indices(frames, step, ctx.rank, ctx.world_size, config.batch_size, config.seed, 0)
+        batch = {f"observation.features.{cam}": features[cam][idx].to(ctx.device) for cam in config.cameras}
+        batch.update(
+            action=chunks_t[idx].to(ctx.device), action_is_pad=pads_t[idx].to(ctx.device), task=[tasks[i] for i in idx]
+        )
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss, info = policy(batch)
+        loss.backward()
+        average_gradients(params, ctx)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        optimizer.step()
+        step += 1
+        logs = mean_across_ranks({"loss": float(loss.detach()), **info}, ctx)
+        logs.update(
+            grad_norm=grad_norm, lr=optimizer.param_groups[-1]["lr"], lr_projector=optimizer.param_groups[0]["lr"]
+        )
+        first_loss = logs["loss"] if first_loss is None else first_loss
+        logger.log(step, logs)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if ctx.is_main and config.save_every and step % config.save_every == 0:
+            save_checkpoint(out / "checkpoints" / f"step-{step:06d}", {"policy": policy}, optimizer,
+                            {"step": step, "world_size": ctx.world_size, "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
+    bar.close()
+    seconds = time.perf_counter() - began
+    digests = gather_strings(weights_digest(policy), ctx)
+    logger.close()
+    result: dict[str, Any] = {"steps": step, "seconds": seconds, "final": logs, "first_loss": first_loss, "frames": frames,
+                              "episodes": len(episodes), "rank_digests": digests, "policy": None}  # fmt: skip
+    if ctx.is_main:
+        (out / "rank_weights_sha256.json").write_text(json.dumps(digests, indent=2) + "\n")
+        policy_dir = out / "policy"
+        policy.save_pretrained(policy_dir)
+        result["policy"] = str(policy_dir)
+        if config.eval_episodes > 0:
+            result["eval"] = _evaluate(policy_dir, config, out, progress=show)
+    return result
+
+
+def _evaluate(policy_dir: Path, config: VLATrainConfig, out: Path, progress: bool) -> dict:
+    """Closed-loop success on held-out tabletop episodes (seeds disjoint from the demonstrations)."""
+    from omnistream_sim.policies import VLACheckpointPolicy
+    from omnistream_sim.rollout import evaluate_tabletop
+
+    policy = VLACheckpointPolicy(policy_dir)
+    results = evaluate_tabletop(
+        policy,
+        episodes=config.eval_episodes,
+        out_dir=out / "eval",
+        tasks=config.eval_tasks,
+        progress=progress,
+        videos=0,
+    )
+    return {k: results[k] for k in ("success_rate", "episodes") if k in results}
