@@ -207,3 +207,17 @@ def test_prefix_cache_matches_the_full_pass_and_follows_weight_changes():
     policy.use_prefix_cache = False
     torch.testing.assert_close(changed, policy.predict_action_chunk(obs, normalized=True), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(changed, cached, atol=1e-6)
+
+
+def test_bfloat16_llm_trains_and_round_trips_exactly(tmp_path):
+    torch.manual_seed(0)
+    policy = OmniStreamVLAPolicy(OmniStreamVLAConfig.preset("debug", backbone=None, llm_dtype="bfloat16"))
+    assert policy.llm.dtype == torch.bfloat16
+    batch = {"observation.features.static": _features(2), "task": INSTRUCTIONS, "action": torch.zeros(2, 4, 7)}
+    loss, _ = policy(batch)
+    loss.backward()
+    assert policy.action_query.grad is not None and torch.isfinite(policy.action_query.grad).all()
+    policy.save_pretrained(tmp_path)
+    loaded = OmniStreamVLAPolicy.from_pretrained(tmp_path)
+    assert loaded.llm.dtype == torch.bfloat16
+    assert torch.equal(policy.eval().predict_action_chunk(batch), loaded.predict_action_chunk(batch))

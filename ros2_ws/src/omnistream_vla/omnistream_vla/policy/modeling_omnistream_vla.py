@@ -99,7 +99,9 @@ def build_llm(config: OmniStreamVLAConfig, directory: str | Path | None = None, 
     if config.llm == "debug" or random_weights:
         llm_config = Qwen2Config(**config.llm_config)
         llm_config._attn_implementation = "sdpa"
-        return Qwen2ForCausalLM(llm_config).to(dtype)
+        # Built in its dtype (not cast afterwards): the rotary inv_freq stays float32, as from_pretrained keeps
+        # it, so a saved and reloaded policy computes exactly the same actions.
+        return Qwen2ForCausalLM._from_config(llm_config, dtype=dtype)
     source = Path(directory) / LLM_DIR if config.llm == "weights" else config.llm
     if config.llm == "weights" and not Path(source).is_dir():
         raise FileNotFoundError(f"the policy's LLM weights are missing: {source}")
