@@ -104,6 +104,11 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path, fixture_a):
     grid = out.last_hidden_state[:, 0].reshape(2, *out.grid_size, -1)
     via_grid = loaded.predict_action_chunk({"observation.patch_tokens.static": grid, "task": INSTRUCTIONS})
     torch.testing.assert_close(via_grid, after)
+    # Saved again elsewhere (backbone not loaded yet): the copy travels along and the actions stay the same.
+    fresh = OmniStreamVLAPolicy.from_pretrained(tmp_path / "p")
+    fresh.save_pretrained(tmp_path / "q")
+    assert (tmp_path / "q" / "backbone" / "model.safetensors").is_file()
+    assert torch.equal(OmniStreamVLAPolicy.from_pretrained(tmp_path / "q").predict_action_chunk(obs), after)
 
 
 def test_select_action_pops_a_chunk_and_reset_clears_it():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -163,10 +164,16 @@ class OmniStreamVLAPolicy(nn.Module):
             self.llm.save_pretrained(str(out / LLM_DIR), safe_serialization=True)
             config.llm = "weights"
         config.tokenizer = "saved"
-        if self.backbone is not None:
-            source = self.backbone_source()
-            if source is None or not (out / BACKBONE_DIR).is_dir():
-                self.backbone.save_pretrained(out / BACKBONE_DIR)
+        # The backbone travels with the policy when it is part of it (loaded, or a copy in the source directory);
+        # a hub id or an outside directory stays a reference.
+        local_copy = self.directory / config.backbone if self.directory and config.backbone else None
+        target = out / BACKBONE_DIR
+        if local_copy is not None and local_copy.is_dir():
+            if local_copy.resolve() != target.resolve():
+                shutil.copytree(local_copy, target, dirs_exist_ok=True)
+            config.backbone = BACKBONE_DIR
+        elif self.backbone is not None:
+            self.backbone.save_pretrained(target)
             config.backbone = BACKBONE_DIR
         config.normalization_mode = self.normalizer.mode
         config.save(out)
