@@ -58,6 +58,14 @@ def calvin_rel_action_to_delta(rel_action) -> np.ndarray:
     return a.astype(np.float32)
 
 
+def calvin_env_action(rel_action) -> np.ndarray:
+    """What CALVIN's ``env.step`` accepts: arm clipped to [-1, 1], gripper exactly -1 or +1 (the env asserts it)."""
+    a = _as_actions(rel_action, "rel_action").copy()
+    a[..., :6] = np.clip(a[..., :6], -1.0, 1.0)
+    a[..., 6] = gripper_to_sign(a[..., 6])
+    return a.astype(np.float32)
+
+
 def calvin_normalize_for_vla(rel_action, clip: float = CALVIN_VLA_CLIP) -> np.ndarray:
     """CALVIN action -> the VLA training target: arm clipped to +-clip and rescaled to [-1, 1]; gripper {0, 1}."""
     a = _as_actions(rel_action, "rel_action").copy()

@@ -122,3 +122,9 @@ def test_bad_input_is_a_clear_error():
         conv.PercentileBounds([1.0], [0.0])
     with pytest.raises(ValueError, match="dims"):
         conv.PercentileBounds([0.0, 0.0], [1.0, 1.0]).normalize(np.zeros(3))
+
+
+def test_calvin_env_action_clips_and_signs_the_gripper():
+    out = conv.calvin_env_action([[1.5, -2.0, 0.3, 0, 0, 0, 0.2], [0, 0, 0, 0, 0, 0, -0.01]])
+    np.testing.assert_allclose(out[0], [1.0, -1.0, 0.3, 0, 0, 0, 1.0], atol=1e-7)
+    assert out[1, 6] == -1.0
