@@ -39,7 +39,7 @@ def test_quaternion_round_trip_and_orthonormality():
 def test_fov_intrinsics_round_trip_and_principal_point_at_centre():
     fov = torch.tensor([math.radians(50), math.radians(70)])
     k = intrinsics_from_fov(fov, 480, 640)
-    assert k[0, 2] == 320 and k[1, 2] == 240
+    assert k[0, 2] == 319.5 and k[1, 2] == 239.5  # OpenCV/ROS pixel centres
     assert torch.allclose(fov_from_intrinsics(k, 480, 640), fov)
 
 
@@ -63,7 +63,7 @@ def test_back_projected_points_reproject_to_their_pixels():
     cam = (pts - c2w[:3, 3]) @ c2w[:3, :3]  # world -> camera
     assert torch.allclose(cam[..., 2], depth)
     uv = (cam @ k.T)[..., :2] / cam[..., 2:]
-    v, u = torch.meshgrid(torch.arange(6) + 0.5, torch.arange(8) + 0.5, indexing="ij")
+    v, u = torch.meshgrid(torch.arange(6), torch.arange(8), indexing="ij")
     assert torch.allclose(uv[..., 0], u.double()) and torch.allclose(uv[..., 1], v.double())
 
 
@@ -116,7 +116,7 @@ def test_perception_session_with_and_without_heads(tiny_checkpoint, fixture_a):
     assert (first.frame_index, second.frame_index) == (0, 1)
     assert second.depth.shape == (50, 70) and second.points.shape == (50 * 70, 3)
     assert second.pose.shape == (4, 4) and np.allclose(second.pose[3], [0, 0, 0, 1])
-    assert second.intrinsics[0, 2] == 35 and second.intrinsics[1, 2] == 25
+    assert second.intrinsics[0, 2] == 34.5 and second.intrinsics[1, 2] == 24.5
     # 50x70 -> multiples of 32 (patch 16 x pooling 2) -> 32x64 -> grid 2x4 -> pooled 1x2
     assert second.grid == (1, 2) and second.patch_tokens.shape == (1, 2, 64) and second.patch_tokens.dtype == np.float16
     # nothing asked, nothing computed

@@ -2,7 +2,8 @@
 
 Conventions (one set, everywhere):
 * poses are camera-to-world 4x4 matrices; the world of a stream is its first camera frame;
-* camera axes are OpenCV's (x right, y down, z forward);
+* camera axes are OpenCV's (x right, y down, z forward) and so are pixel coordinates: the centre of pixel
+  (column u, row v) is at (u, v), as in ROS ``CameraInfo``; "the image centre" is ((W - 1) / 2, (H - 1) / 2);
 * quaternions are (x, y, z, w), real part last;
 * the pose encoding is ``[quaternion (4), translation (3), field of view (fov_y, fov_x) (2)]`` in radians,
   with the principal point at the image centre (paper section 3.3);
@@ -76,12 +77,12 @@ def matrix_to_quaternion(rot: torch.Tensor) -> torch.Tensor:
 
 
 def intrinsics_from_fov(fov: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(..., 2) (fov_y, fov_x) radians -> (..., 3, 3) pinhole intrinsics, principal point at the centre."""
+    """(..., 2) (fov_y, fov_x) radians -> (..., 3, 3) pinhole intrinsics, principal point at the image centre."""
     fy = (height / 2) / torch.tan(fov[..., 0] / 2)
     fx = (width / 2) / torch.tan(fov[..., 1] / 2)
     k = torch.zeros(*fov.shape[:-1], 3, 3, dtype=fov.dtype, device=fov.device)
     k[..., 0, 0], k[..., 1, 1] = fx, fy
-    k[..., 0, 2], k[..., 1, 2], k[..., 2, 2] = width / 2, height / 2, 1.0
+    k[..., 0, 2], k[..., 1, 2], k[..., 2, 2] = (width - 1) / 2, (height - 1) / 2, 1.0
     return k
 
 
@@ -111,8 +112,8 @@ def pixel_rays(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int
     """Ground-truth ray map (..., H, W, 6): origin and direction (camera-frame z = 1) in the world frame."""
     dtype, device = intrinsics.dtype, intrinsics.device
     v, u = torch.meshgrid(
-        torch.arange(height, dtype=dtype, device=device) + 0.5,
-        torch.arange(width, dtype=dtype, device=device) + 0.5,
+        torch.arange(height, dtype=dtype, device=device),
+        torch.arange(width, dtype=dtype, device=device),
         indexing="ij",
     )
     pix = torch.stack([u, v, torch.ones_like(u)], -1)  # (H, W, 3)
