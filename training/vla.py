@@ -56,7 +56,12 @@ class VLATrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     precision: str = "auto"  # auto (bf16 on GPUs that support it) | bf16 | fp32
-    normalization_mode: str | None = None  # None = the policy preset's
+    normalization_mode: str | None = None  # None = the policy preset's (used with dataset statistics)
+    # Fixed arm bounds for min_max instead of the dataset's min/max: "auto" = the format's action range
+    # (tabletop demonstrations +-1, CALVIN +-0.65 as in the recipe; LeRobot datasets use their statistics),
+    # "stats" = always the statistics, or [low, high]. Statistics stretch near-constant dimensions (tiny
+    # rotation corrections) to [-1, 1], which makes the policy chase noise; fixed bounds keep units honest.
+    action_bounds: Any = "auto"
     seed: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -68,9 +73,12 @@ class VLATrainConfig:
     def from_preset(cls, name: str, **overrides) -> VLATrainConfig:
         presets: dict[str, dict[str, Any]] = {
             "paper": dict(policy_preset="qwen2.5-7b", backbone_preset="large", batch_size=8, max_steps=None, epochs=5),
-            "debug": dict(batch_size=8, max_steps=150, lr=1e-3, projector_lr=2e-3, warmup_steps=10, save_every=50,
-                          policy_overrides={"head_trunk_dim": 128, "head_branch_dims": [128, 64, 32]}),
-            "demo": dict(batch_size=16, max_steps=600, lr=5e-4, projector_lr=1e-3, warmup_steps=30, save_every=200),
+            # tiny models learn at larger rates than the recipe's 2e-5 / 1e-4 (which are for a 7B LLM)
+            # 128 px frames (4x4 pooled tokens): at 64 px (2x2 tokens) the arm's phase is hard to tell apart
+            "debug": dict(batch_size=32, max_steps=600, lr=2e-3, projector_lr=2e-3, warmup_steps=30, min_lr_ratio=0.01,
+                          save_every=200, policy_overrides={"image_size": 128}),
+            "demo": dict(batch_size=32, max_steps=1500, lr=1e-3, projector_lr=2e-3, warmup_steps=50, min_lr_ratio=0.01,
+                         save_every=500),
         }  # fmt: skip
         if name not in presets:
             raise ValueError(f"unknown VLA preset {name!r}; choose one of {sorted(presets)}")
@@ -192,7 +200,26 @@ def _precision(config: VLATrainConfig, device: torch.device) -> torch.dtype | No
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
 
 
-def build_policy(config: VLATrainConfig, stats: dict[str, np.ndarray], device: torch.device):
+FORMAT_BOUNDS = {"tabletop": (-1.0, 1.0), "calvin": (-0.65, 0.65)}
+
+
+def resolve_bounds(config: VLATrainConfig, kind: str) -> tuple[float, float] | None:
+    if config.action_bounds == "auto":
+        return FORMAT_BOUNDS.get(kind)
+    if config.action_bounds in ("stats", None):
+        return None
+    low, high = (float(v) for v in config.action_bounds)
+    if not low < high:
+        raise ValueError(f"action_bounds must be [low, high] with low < high, got {config.action_bounds}")
+    return low, high
+
+
+def build_policy(
+    config: VLATrainConfig,
+    stats: dict[str, np.ndarray],
+    device: torch.device,
+    bounds: tuple[float, float] | None = None,
+):
     from omnistream_perception.model import OmniStreamModel
     from omnistream_vla.normalization import ActionNormalizer
     from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy
@@ -211,9 +238,14 @@ def build_policy(config: VLATrainConfig, stats: dict[str, np.ndarray], device: t
         overrides["normalization_mode"] = config.normalization_mode
     policy_config = OmniStreamVLAConfig.preset(config.policy_preset, **overrides)
     arm = policy_config.arm_dims
-    normalizer = ActionNormalizer(
-        policy_config.normalization_mode, arm, {k: torch.as_tensor(v[:arm]) for k, v in stats.items() if k != "count"}
-    )
+    if bounds is not None:
+        normalizer = ActionNormalizer.from_bounds(bounds[0], bounds[1], arm)
+    else:
+        normalizer = ActionNormalizer(
+            policy_config.normalization_mode,
+            arm,
+            {k: torch.as_tensor(v[:arm]) for k, v in stats.items() if k != "count"},
+        )
     policy = OmniStreamVLAPolicy(policy_config, normalizer=normalizer, backbone=backbone)
     return policy.to(device)
 
@@ -237,6 +269,23 @@ def cache_features(
                 bar.update(len(chunk))
     bar.close()
     return {cam: torch.cat(v) for cam, v in out.items()}
+
+
+@torch.no_grad()
+def dataset_loss(policy, features, chunks, pads, tasks, cameras, device, batch: int = 64) -> float:
+    """The training loss over every frame of the dataset (eval mode): the before/after number of a run."""
+    was_training = policy.training
+    policy.eval()
+    total, count = 0.0, 0
+    for s in range(0, len(tasks), batch):
+        idx = list(range(s, min(len(tasks), s + batch)))
+        data = {f"observation.features.{cam}": features[cam][idx].to(device) for cam in cameras}
+        data.update(action=chunks[idx].to(device), action_is_pad=pads[idx].to(device), task=[tasks[i] for i in idx])
+        loss, _ = policy(data)
+        total += float(loss) * len(idx)
+        count += len(idx)
+    policy.train(was_training)
+    return total / max(1, count)
 
 
 def run_vla_training(
@@ -264,7 +313,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     if all_actions.ndim != 2 or all_actions.shape[1] != 7:
         raise ValueError(f"actions must be 7-D (6 arm + gripper), got shape {all_actions.shape[1:]}")
     stats = action_statistics(all_actions)
-    policy = build_policy(config, stats, ctx.device)
+    policy = build_policy(config, stats, ctx.device, resolve_bounds(config, detect_format(Path(dataset))))
     chunk = policy.config.chunk_size
     show = progress and ctx.is_main
     features = cache_features(policy, episodes, config.cameras, config.feature_batch, show)
@@ -299,6 +348,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
             raise ValueError(f"{path} was written by {scalars['world_size']} processes; resume with as many")
         step = int(scalars["step"])
     autocast_dtype = _precision(config, ctx.device)
+    initial_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device)
     logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=step if resume else None)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -338,11 +388,15 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
                             {"step": step, "world_size": ctx.world_size, "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - began
+    final_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device)
     digests = gather_strings(weights_digest(policy), ctx)
     logger.close()
     result: dict[str, Any] = {"steps": step, "seconds": seconds, "final": logs, "first_loss": first_loss, "frames": frames,
-                              "episodes": len(episodes), "rank_digests": digests, "policy": None}  # fmt: skip
+                              "episodes": len(episodes), "rank_digests": digests, "policy": None,
+                              "dataset_loss_before": initial_loss, "dataset_loss_after": final_loss}  # fmt: skip
     if ctx.is_main:
+        summary = {k: v for k, v in result.items() if k not in ("final", "policy")}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "rank_weights_sha256.json").write_text(json.dumps(digests, indent=2) + "\n")
         policy_dir = out / "policy"
         policy.save_pretrained(policy_dir)

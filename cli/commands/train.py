@@ -222,7 +222,8 @@ def _vla(args: argparse.Namespace) -> int:
     if result.get("policy") is not None:
         final = result.get("final") or {}
         print(
-            f"trained {result['steps']} steps in {result['seconds']:.1f} s; loss {result['first_loss']:.4f} -> "
-            f"{final.get('loss', float('nan')):.4f}; policy in {result['policy']}"
+            f"trained {result['steps']} steps in {result['seconds']:.1f} s; loss over the dataset "
+            f"{result['dataset_loss_before']:.4f} -> {result['dataset_loss_after']:.4f} (last step "
+            f"{final.get('loss', float('nan')):.4f}); policy in {result['policy']}"
         )
     return 0
