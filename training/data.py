@@ -13,7 +13,12 @@ Geometry sequences on disk (the layout ``omnistream data`` / the tabletop genera
 Intrinsics use OpenCV's convention (pixel (u, v) has its centre at integer (u, v)); cameras are
 camera-to-world in OpenCV axes (x right, y down, z forward), metres.
 
-Caption JSONL: one ``{"image": "path relative to the file", "caption": "..."}`` per line.
+The tabletop generator's own output (``omnistream_sim.tabletop.data``: ``index.json`` listing
+``sequence_XXXXXX.npz``) is read as well, directly.
+
+Caption JSONL: one ``{"image": "path relative to the file", "caption": "..."}`` per line. A directory of
+tabletop demonstrations (``index.json`` listing ``episode_XXXXXX.npz``) gives templated captions of its
+static-camera frames instead (``TabletopCaptions``).
 Image folders: every .png/.jpg/.jpeg below ROOT. Videos: every .mp4/.mkv/.avi/.webm/.mov below ROOT (PyAV).
 """
 
@@ -28,10 +33,11 @@ import torch.nn.functional as F
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".webm", ".mov")
+TABLETOP_FAR = 3.0  # omnistream_sim.tabletop.cameras.CameraSpec.far: depth of pixels that hit nothing
 
 
 def _to_float_chw(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0  # a writable copy
 
 
 def resize_square(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -160,17 +166,26 @@ def resize_geometry(rgb, depth, intrinsics, size: int):
 
 
 class GeometryFolder:
-    """Clips of ``frames`` frames from geometry sequences (layout in the module docstring).
+    """Clips of ``frames`` frames from geometry sequences (layout in the module docstring, or the tabletop
+    generator's ``sequence_*.npz``).
 
     item -> {"rgb" (T,3,S,S), "depth" (T,S,S), "intrinsics" (T,3,3), "cam_to_world" (T,4,4), "caption"}.
     """
 
-    def __init__(self, root: str | Path, frames: int, size: int) -> None:
+    def __init__(self, root: str | Path, frames: int, size: int, max_cached: int = 256) -> None:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"geometry directory {root} does not exist")
         self.frames, self.size = frames, size
         self.items: list[tuple[Path, int]] = []
+        self._cache: dict[Path, dict] = {}
+        self.max_cached = max_cached
+        index = root / "index.json"
+        if index.is_file() and "sequences" in json.loads(index.read_text()):
+            for entry in json.loads(index.read_text())["sequences"]:
+                count = int(entry["frames"])
+                path = root / entry["file"]
+                self.items += [(path, s) for s in range(0, max(0, count - frames) + 1, max(1, frames // 2))]
         for seq in sorted(p for p in root.iterdir() if (p / "cameras.json").is_file()):
             count = len(list((seq / "rgb").glob("*.png")))
             self.items += [(seq, s) for s in range(0, max(0, count - frames) + 1, max(1, frames // 2))]
@@ -183,8 +198,28 @@ class GeometryFolder:
     def __len__(self) -> int:
         return len(self.items)
 
+    def _npz_item(self, path: Path, start: int) -> dict:
+        if path not in self._cache:
+            if len(self._cache) >= self.max_cached:
+                self._cache.pop(next(iter(self._cache)))
+            with np.load(path) as f:
+                self._cache[path] = {k: f[k] for k in ("rgb", "depth", "intrinsics", "cam_to_world")}
+        seq = self._cache[path]
+        span = slice(start, start + self.frames)
+        rgb = torch.from_numpy(seq["rgb"][span]).permute(0, 3, 1, 2).float() / 255.0
+        depth = torch.from_numpy(seq["depth"][span].astype(np.float32))
+        # the tabletop renders "nothing hit" at its far plane: no depth there
+        depth = torch.where((depth >= TABLETOP_FAR - 1e-3) | (depth <= 0), torch.zeros_like(depth), depth)
+        k = torch.as_tensor(seq["intrinsics"], dtype=torch.float32)
+        k = k.expand(rgb.shape[0], 3, 3).clone() if k.ndim == 2 else k[span]
+        c2w = torch.as_tensor(seq["cam_to_world"][span], dtype=torch.float32)
+        rgb, depth, k = resize_geometry(rgb, depth, k, self.size)
+        return {"rgb": rgb, "depth": depth, "intrinsics": k, "cam_to_world": c2w, "caption": ""}
+
     def __getitem__(self, i: int) -> dict:
         seq, start = self.items[i]
+        if seq.suffix == ".npz":
+            return self._npz_item(seq, start)
         cams = json.loads((seq / "cameras.json").read_text())
         names = sorted(p.stem for p in (seq / "rgb").glob("*.png"))[start : start + self.frames]
         rgb = torch.stack([_to_float_chw(_read_image(seq / "rgb" / f"{n}.png")) for n in names])
@@ -196,6 +231,54 @@ class GeometryFolder:
         caption_file = seq / "caption.txt"
         caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
         return {"rgb": rgb, "depth": depth, "intrinsics": k, "cam_to_world": c2w, "caption": caption}
+
+
+class TabletopCaptions:
+    """Static-camera frames of tabletop demonstrations with templated captions of the blocks' layout.
+
+    item -> {"rgb": (1, 3, S, S), "caption": "from left to right: the green block, the red block and the blue
+    block; the red block is in the air"}. ``per_episode`` frames are taken evenly from each episode.
+    """
+
+    COLOURS = ("red", "green", "blue")  # order of the 9 scene values (omnistream_sim.tabletop)
+
+    def __init__(self, root: str | Path, size: int, per_episode: int = 4, block_size: float = 0.05) -> None:
+        root = Path(root)
+        index = root / "index.json"
+        if not index.is_file() or "episodes" not in json.loads(index.read_text()):
+            raise FileNotFoundError(f"{root} holds no tabletop demonstrations (index.json with 'episodes')")
+        self.items: list[tuple[torch.Tensor, str]] = []
+        for entry in json.loads(index.read_text())["episodes"]:
+            with np.load(root / entry["file"]) as f:
+                frames, scene = f["static"], f["scene"]
+            for t in np.linspace(0, len(frames) - 1, per_episode).round().astype(int):
+                image = resize_square(_to_float_chw(frames[t])[None], size)
+                self.items.append((image, self.caption(scene[t], block_size)))
+        if not self.items:
+            raise ValueError(f"{root} lists no episodes")
+
+    @classmethod
+    def caption(cls, scene: np.ndarray, block_size: float = 0.05) -> str:
+        centres = np.asarray(scene, dtype=np.float64).reshape(3, 3)
+        order = np.argsort(centres[:, 1])  # the static camera looks along -x: image left is world -y
+        names = [f"the {cls.COLOURS[i]} block" for i in order]
+        text = f"from left to right: {names[0]}, {names[1]} and {names[2]}"
+        raised = [cls.COLOURS[i] for i in range(3) if centres[i, 2] > block_size / 2 + 0.03]
+        if raised:
+            text += (
+                "; "
+                + " and ".join(f"the {c} block" for c in raised)
+                + (" is" if len(raised) == 1 else " are")
+                + " in the air"
+            )
+        return text
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        image, caption = self.items[i]
+        return {"rgb": image, "caption": caption}
 
 
 def write_geometry_sequence(directory: str | Path, rgb, depth, intrinsics, cam_to_world, caption: str = "") -> Path:

@@ -29,7 +29,7 @@ from omnistream_perception.model import IMAGENET_MEAN, IMAGENET_STD, OmniStreamM
 from .augment import multiblock_masks, random_patch_masks, random_resized_crop, rope_coordinate_scale
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PretrainConfig, warmup_cosine
-from .data import CaptionJSONL, GeometryFolder, ImageFolder, VideoFolder, collate, sample_indices
+from .data import CaptionJSONL, GeometryFolder, ImageFolder, TabletopCaptions, VideoFolder, collate, sample_indices
 from .distributed import (
     DistributedContext,
     average_gradients,
@@ -103,14 +103,20 @@ class PretrainData:
         self.clips = clips
         self.images = ImageFolder(config.images, size) if config.images else FramesOf(clips, t)
         self.videos = VideoFolder(config.videos, t, size) if config.videos else clips
-        self.captions = CaptionJSONL(config.captions, size) if config.captions else FramesOf(clips, t, True)
+        if config.captions and Path(config.captions).is_dir():
+            self.captions = TabletopCaptions(config.captions, size)
+        elif config.captions:
+            self.captions = CaptionJSONL(config.captions, size)
+        else:
+            self.captions = FramesOf(clips, t, True)
         if (
             config.captioning
             and not config.captions
             and not any(clips[i]["caption"] for i in range(min(4, len(clips))))
         ):
             raise ValueError(
-                "captioning is on but the geometry sequences carry no caption.txt; pass --captions FILE.jsonl or --no-captioning"
+                "captioning is on but the geometry sequences carry no caption.txt; pass --captions FILE.jsonl "
+                "(or a tabletop demonstrations directory) or --no-captioning"
             )
 
     def batch(self, source, step: int, rank: int, world: int, size: int, seed: int, stream: int) -> dict:
