@@ -18,7 +18,7 @@ from .losses import dino_loss, gram_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 
 class DINOHead(nn.Module):
-    """MLP -> bottleneck -> L2 normalise -> prototypes (DINO's projection head, without weight norm)."""
+    """MLP -> bottleneck -> L2 normalise -> cosine with L2-normalised prototypes (DINO's projection head)."""
 
     def __init__(self, dim: int, hidden: int, bottleneck: int, prototypes: int) -> None:
         super().__init__()
@@ -32,7 +32,10 @@ class DINOHead(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.prototypes(F.normalize(self.bottleneck(self.mlp(x)), dim=-1))
+        # cosine scores against unit-norm prototypes (DINO's weight-normalised last layer, norm fixed at 1):
+        # logits in [-1, 1] whatever the weights' scale, so the temperatures mean what they say
+        z = F.normalize(self.bottleneck(self.mlp(x)), dim=-1)
+        return F.linear(z, F.normalize(self.prototypes.weight, dim=-1))
 
 
 @dataclass
