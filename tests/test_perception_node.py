@@ -26,7 +26,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # n
 from std_srvs.srv import Trigger  # noqa: E402
 
 from omnistream_msgs.msg import StreamFeatures  # noqa: E402
-from omnistream_perception.perception_node import PerceptionNode, rotation_to_quaternion  # noqa: E402
+from omnistream_perception.perception_node import PerceptionNode  # noqa: E402
 from omnistream_perception.ros_image import (  # noqa: E402
     camera_info_from_intrinsics,
     image_to_depth,
@@ -239,15 +239,6 @@ def test_geometry_outputs_with_heads_and_camera_info(harness, heads_checkpoint):
     np.testing.assert_array_equal(colors, sent[::4, ::4].reshape(-1, 3))
 
 
-def test_rotation_to_quaternion_matches_known_rotations():
-    angle = 0.7
-    rz = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    np.testing.assert_allclose(rotation_to_quaternion(rz), [0, 0, np.sin(angle / 2), np.cos(angle / 2)], atol=1e-12)
-    flip_x = np.diag([1.0, -1.0, -1.0])  # 180 degrees about x (trace -1 branch)
-    np.testing.assert_allclose(np.abs(rotation_to_quaternion(flip_x)), [1, 0, 0, 0], atol=1e-12)
-
-
-# -- reset --------------------------------------------------------------------------------------------------------
 def test_reset_service_restarts_the_stream_and_path(harness, heads_checkpoint):
     h = harness(heads_checkpoint)
     features = h.subscribe("features", StreamFeatures)

@@ -96,8 +96,9 @@ def render(client, spec: CameraSpec, view: np.ndarray, renderer: int | None = No
 
 def backproject(depth: np.ndarray, intrinsics: np.ndarray, cam_to_world: np.ndarray) -> np.ndarray:
     """World points (H, W, 3) of every pixel: the inverse of :func:`render`'s conventions (used by tests and eval)."""
-    h, w = depth.shape
-    v, u = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-    fx, fy, cx, cy = intrinsics[0, 0], intrinsics[1, 1], intrinsics[0, 2], intrinsics[1, 2]
-    cam = np.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth.astype(np.float64)], axis=-1)
-    return cam @ cam_to_world[:3, :3].T.astype(np.float64) + cam_to_world[:3, 3].astype(np.float64)
+    import torch
+
+    from omnistream_perception.model.geometry import depth_to_world_points
+
+    as64 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
+    return depth_to_world_points(as64(depth), as64(intrinsics), as64(cam_to_world)).numpy()

@@ -54,14 +54,15 @@ class OmniStreamImageProcessor:
 def pool_patch_tokens(patch_tokens: torch.Tensor, grid: tuple[int, int], factor: int = 2) -> torch.Tensor:
     """(..., h*w, D) -> (..., h/f, w/f, D): per-frame f x f average pooling, as the paper feeds the LLM.
 
-    The grid must be divisible by ``factor`` (the processor's ``multiple`` takes care of it).
+    A grid not divisible by ``factor`` gets ceil(h/f) x ceil(w/f) cells, the edge cells averaging the tokens
+    they cover (the processor's ``multiple`` avoids that case for our own images).
     """
     h, w = grid
-    if h % factor or w % factor:
-        raise ValueError(f"patch grid {h}x{w} is not divisible by the pooling factor {factor}")
+    if factor < 1:
+        raise ValueError(f"the pooling factor must be >= 1, got {factor}")
     lead = patch_tokens.shape[:-2]
     d = patch_tokens.shape[-1]
     x = patch_tokens.reshape(-1, h, w, d).permute(0, 3, 1, 2)
     if factor > 1:
-        x = F.avg_pool2d(x, factor)
-    return x.permute(0, 2, 3, 1).reshape(*lead, h // factor, w // factor, d)
+        x = F.avg_pool2d(x, factor, ceil_mode=True)
+    return x.permute(0, 2, 3, 1).reshape(*lead, x.shape[-2], x.shape[-1], d)

@@ -76,17 +76,3 @@ def pointcloud2_to_xyzrgb(msg: PointCloud2) -> tuple[np.ndarray, np.ndarray | No
     rgb = column("rgb", "u4")
     colors = np.stack([(rgb >> 16) & 255, (rgb >> 8) & 255, rgb & 255], axis=1).astype(np.uint8)
     return points, colors
-
-
-def backproject_depth(depth: np.ndarray, intrinsics: np.ndarray, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Camera-frame points (N, 3) of the valid pixels of ``depth`` (H, W) metres, and their (row, col) indices."""
-    depth = np.asarray(depth, dtype=np.float32)
-    k = np.asarray(intrinsics, dtype=np.float64)
-    rows, cols = np.mgrid[0 : depth.shape[0] : stride, 0 : depth.shape[1] : stride]
-    z = depth[rows, cols]
-    valid = np.isfinite(z) & (z > 0)
-    rows, cols, z = rows[valid], cols[valid], z[valid]
-    # ROS pinhole convention (image_geometry): pixel (u, v) = (col, row), no half-pixel shift.
-    x = (cols - k[0, 2]) / k[0, 0] * z
-    y = (rows - k[1, 2]) / k[1, 1] * z
-    return np.stack([x, y, z], axis=1).astype(np.float32), np.stack([rows, cols], axis=1)

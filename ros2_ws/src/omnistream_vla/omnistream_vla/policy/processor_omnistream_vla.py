@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from omnistream_perception.processor import pool_patch_tokens
+
 from .configuration_omnistream_vla import OmniStreamVLAConfig
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -204,11 +206,8 @@ class OmniStreamVLAProcessor:
             raise ValueError(
                 f"patch tokens have width {tokens.shape[-1]}, the policy expects {self.config.vision_hidden_size}"
             )
-        pool = self.config.pool
-        grid = tokens.permute(0, 3, 1, 2).float()
-        if pool > 1:
-            grid = F.avg_pool2d(grid, kernel_size=pool, stride=pool, ceil_mode=True)
-        return grid.flatten(2).transpose(1, 2)
+        pooled = pool_patch_tokens(tokens.float().flatten(1, 2), tuple(tokens.shape[1:3]), self.config.pool)
+        return pooled.flatten(1, 2)
 
     def save(self, directory: str | Path) -> None:
         self.tokenizer.save(str(Path(directory) / TOKENIZER_FILE))
