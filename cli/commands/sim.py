@@ -16,7 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = group.add_parser("eval", help="closed-loop evaluation; writes results.json, report.md and videos")
     p.add_argument("--env", choices=ENVS, default="tabletop", help="simulator (default tabletop, built in)")
     p.add_argument("--policy", default="scripted", help="scripted | random | ckpt:DIR | ros:DIR (default scripted)")
-    p.add_argument("--episodes", type=int, default=30, help="episodes (tabletop; SimplerEnv: per task)")
+    p.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="episodes (tabletop: default 30; SimplerEnv: per task, default and at most 24)",
+    )
     p.add_argument("--out", required=True, help="output directory for results.json, report.md, videos/")
     p.add_argument("--seed", type=int, default=None, help="base seed (tabletop default 100000: held out from demos)")
     p.add_argument("--tasks", default="all", help="tabletop tasks: a set (lift|push|all) or comma list (default all)")
@@ -94,6 +99,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_tabletop(args: argparse.Namespace) -> int:
     from omnistream_cli.main import UserError
 
+    if args.episodes is None:
+        args.episodes = 30
     if args.episodes < 1:
         raise UserError(f"--episodes must be >= 1, got {args.episodes}")
     if args.videos < 0:

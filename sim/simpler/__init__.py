@@ -158,8 +158,8 @@ def evaluate(args: Any) -> int:
 
     shard = parse_shard(args.shard)
     seed = 0 if args.seed is None else args.seed
-    episodes = args.episodes
-    if episodes > EPISODES_PER_TASK:  # the CLI's default (30) is the tabletop's; the protocol has 24 layouts
+    episodes = EPISODES_PER_TASK if args.episodes is None else args.episodes
+    if episodes > EPISODES_PER_TASK:  # the protocol has 24 layouts per task
         print(f"SimplerEnv-Bridge has {EPISODES_PER_TASK} episodes per task; running {EPISODES_PER_TASK}")
         episodes = EPISODES_PER_TASK
     try:

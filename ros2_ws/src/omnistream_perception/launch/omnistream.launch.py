@@ -1,0 +1,1 @@
+../../../../launch/omnistream.launch.py

@@ -1,0 +1,1 @@
+../../../../launch/perception.launch.py
