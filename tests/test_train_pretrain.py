@@ -161,3 +161,28 @@ def test_torchrun_two_processes_loss_falls_ranks_agree_and_resume_is_exact(tmp_p
     assert [r["step"] for r in again] == list(range(11, 21))
     assert [r["loss"] for r in again] == [r["loss"] for r in rows[10:]]
     assert json.loads((resumed / "rank_weights_sha256.json").read_text()) == digests
+
+
+def test_pretrain_backbone_can_start_from_dinov3_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from omnistream_perception.model import OmniStreamModel
+    from omnistream_train.config import PretrainConfig
+    from omnistream_train.pretrain import build_backbone
+
+    torch.manual_seed(3)
+    source = OmniStreamModel.from_preset("debug")
+    original = {}  # the same weights under DINOv3's original names
+    for key, value in source.state_dict().items():
+        name = key.removeprefix("patch_embed.")
+        if name == "register_token":
+            original["storage_tokens"] = value[:, 0]
+        elif name.startswith("post_layernorm."):
+            original["norm." + name.split(".")[1]] = value
+        elif name != "camera_token" and not name.startswith("ar_embedder"):
+            original[name] = value
+    save_file({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "dinov3.safetensors"))
+    built = build_backbone(PretrainConfig.from_preset("debug", init_dinov3=str(tmp_path / "dinov3.safetensors")))
+    for key, value in source.state_dict().items():
+        if "camera_token" not in key and "ar_embedder" not in key:
+            assert torch.equal(built.state_dict()[key], value), key

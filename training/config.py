@@ -30,6 +30,7 @@ class PretrainConfig:
     # backbone: a preset name (random init) or a checkpoint directory / hub id to start from (paper: DINOv3)
     backbone: str = "debug"
     backbone_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden_size": 128, "depth": 4}
+    init_dinov3: str | None = None  # DINOv3 weights (file or HF directory) for a preset backbone, as the paper
     heads_size: str = "auto"  # GeometryHeadsConfig.for_backbone size
     freeze_backbone: bool = False  # head probing: only the heads train, on frozen features
     # objectives (each can be switched off: the paper's ablations)

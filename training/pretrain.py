@@ -57,6 +57,13 @@ def normalise(rgb: torch.Tensor) -> torch.Tensor:
 def build_backbone(config: PretrainConfig) -> OmniStreamModel:
     path = Path(config.backbone).expanduser()
     if config.backbone in ("debug", "small", "base", "large"):
+        if config.init_dinov3:
+            from omnistream_perception.model import OmniStreamConfig
+
+            shape = OmniStreamConfig.preset(config.backbone)
+            for key, value in config.backbone_overrides.items():
+                setattr(shape, key, value)
+            return OmniStreamModel.from_dinov3(shape, config.init_dinov3)
         return OmniStreamModel.from_preset(config.backbone, **config.backbone_overrides)
     if path.is_dir() or config.backbone.count("/") == 1:
         return OmniStreamModel.from_pretrained(config.backbone).train()

@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--backbone", default=None, help="preset (debug|small|base|large) or checkpoint directory to start from"
     )
+    p.add_argument("--init-dinov3", default=None, help="initialise the preset backbone from DINOv3 weights (the paper)")
     for name, what in [
         ("ssl-images", "image self-distillation"),
         ("ssl-videos", "video self-distillation"),
@@ -135,6 +136,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         seed=args.seed,
         save_every=args.save_every,
         backbone=args.backbone,
+        init_dinov3=args.init_dinov3,
         geometry_data=args.geometry,
         images=args.images,
         videos=args.videos,
