@@ -184,5 +184,9 @@ def test_pretrain_backbone_can_start_from_dinov3_weights(tmp_path):
     save_file({k: v.contiguous() for k, v in original.items()}, str(tmp_path / "dinov3.safetensors"))
     built = build_backbone(PretrainConfig.from_preset("debug", init_dinov3=str(tmp_path / "dinov3.safetensors")))
     for key, value in source.state_dict().items():
-        if "camera_token" not in key and "ar_embedder" not in key:
+        if "camera_token" not in key and "ar_embedder" not in key and "register_token" not in key:
             assert torch.equal(built.state_dict()[key], value), key
+    # DINOv3's one set of registers seeds both the first-frame and the later-frame registers
+    registers = built.patch_embed.register_token
+    assert torch.equal(registers[:, 0], source.patch_embed.register_token[:, 0])
+    assert torch.equal(registers[:, 1], source.patch_embed.register_token[:, 0])
