@@ -118,3 +118,35 @@ def test_calvin_and_lerobot_formats_load(tmp_path):
     assert [e.instruction for e in episodes] == ["lift the red block", "lift the blue block"]
     assert episodes[1].images["static"].shape == (4, 32, 32, 3)
     assert np.allclose(episodes[0].actions[:, 0], [0, 0.25, 0.5, 0.75])
+
+
+@pytest.mark.slow
+def test_vla_under_torchrun_ranks_agree_and_resume_is_exact(demos, tmp_path):
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def run(out, *extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+        omnistream = shutil.which("omnistream") or str(Path(sys.executable).with_name("omnistream"))
+        cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(port), omnistream, "train", "vla", "--preset",
+               "debug", "--dataset", str(demos), "--out", str(out), "--threads", "1", "--no-progress",
+               "--max-steps", "40", "--save-every", "20", *extra]  # fmt: skip
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run(tmp_path / "full")
+    run(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step-000020"))
+    digests = json.loads((tmp_path / "full" / "rank_weights_sha256.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert json.loads((tmp_path / "resumed" / "rank_weights_sha256.json").read_text()) == digests
+    full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[20:]
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() == full
