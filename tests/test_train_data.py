@@ -32,17 +32,25 @@ def test_geometry_folder_round_trip_keeps_the_geometry(tmp_path):
     assert len(folder) == 1
     got = folder[0]
     assert got["caption"] == "a red box" and got["rgb"].shape == (4, 3, 32, 32)
-    expected = SyntheticTabletopStandIn(sequences=1, frames=4, size=32, seed=3)[0]  # half-pixel intrinsics
+    expected = SyntheticTabletopStandIn(sequences=1, frames=4, size=32, seed=3)[0]
     assert torch.allclose(got["intrinsics"], expected["intrinsics"])
     a = normalised_geometry_targets(got["depth"][None], got["intrinsics"][None], got["cam_to_world"][None])
     b = normalised_geometry_targets(
         expected["depth"][None], expected["intrinsics"][None], expected["cam_to_world"][None]
     )
     assert torch.allclose(a["points"], b["points"], atol=1e-5)
-    # resizing to half the size keeps the rays consistent: halving K keeps the same viewing directions
+    # resizing to half the size: focal lengths halve, and the principal point stays the image centre
     half = GeometryFolder(tmp_path, frames=4, size=16)[0]
     assert torch.allclose(half["intrinsics"][:, :2, :2], got["intrinsics"][:, :2, :2] / 2)
-    assert torch.allclose(half["intrinsics"][:, :2, 2], got["intrinsics"][:, :2, 2] / 2)
+    assert torch.allclose(half["intrinsics"][:, :2, 2], torch.full((4, 2), (16 - 1) / 2))
+    assert torch.allclose(got["intrinsics"][:, :2, 2], torch.full((4, 2), (32 - 1) / 2))
+    # and a 2x2 block of fine pixels looks along the coarse pixel's ray (mean of the four fine rays)
+    from omnistream_perception.model.geometry import pixel_rays
+
+    fine = pixel_rays(got["intrinsics"][0].double(), torch.eye(4, dtype=torch.float64), 32, 32)[..., 3:]
+    coarse = pixel_rays(half["intrinsics"][0].double(), torch.eye(4, dtype=torch.float64), 16, 16)[..., 3:]
+    pooled = fine.reshape(16, 2, 16, 2, 3).mean(dim=(1, 3))
+    assert torch.allclose(pooled, coarse, atol=1e-9)
 
 
 def test_geometry_folder_reads_tabletop_npz_sequences(tmp_path):

@@ -10,8 +10,9 @@ Geometry sequences on disk (the layout ``omnistream data`` / the tabletop genera
     ROOT/<sequence>/cameras.json             {"intrinsics": [3x3 per frame], "cam_to_world": [4x4 per frame]}
     ROOT/<sequence>/caption.txt              optional one-line description of the scene
 
-Intrinsics use OpenCV's convention (pixel (u, v) has its centre at integer (u, v)); cameras are
-camera-to-world in OpenCV axes (x right, y down, z forward), metres.
+Intrinsics use OpenCV's convention (pixel (u, v) has its centre at integer (u, v)), as everywhere in the
+stack (``omnistream_perception.model.geometry``, ROS CameraInfo, the tabletop); cameras are camera-to-world in
+OpenCV axes (x right, y down, z forward), metres.
 
 The tabletop generator's own output (``omnistream_sim.tabletop.data``: ``index.json`` listing
 ``sequence_XXXXXX.npz``) is read as well, directly.
@@ -145,8 +146,9 @@ class VideoFolder:
 def resize_geometry(rgb, depth, intrinsics, size: int):
     """Square resize of a clip with its ground truth: bilinear RGB, nearest depth, intrinsics rescaled.
 
-    ``intrinsics`` come in OpenCV's integer-pixel-centre convention and leave in the half-pixel convention
-    of ``omnistream_perception.model.geometry`` (centre of pixel u at u + 0.5).
+    Intrinsics stay in OpenCV's convention (the centre of pixel u is at u), the convention of
+    ``omnistream_perception.model.geometry``: a pixel edge at e maps to e * scale, so a centre c maps to
+    (c + 0.5) * scale - 0.5.
     """
     h, w = rgb.shape[-2:]
     scale = size / min(h, w)
@@ -154,15 +156,21 @@ def resize_geometry(rgb, depth, intrinsics, size: int):
     top, left = (nh - size) // 2, (nw - size) // 2
     rgb = F.interpolate(rgb, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     depth = F.interpolate(depth[:, None], size=(nh, nw), mode="nearest")[:, 0]
-    k = intrinsics.clone().double()
-    k[:, 0, 2] += 0.5
-    k[:, 1, 2] += 0.5
-    k[:, 0] *= nw / w
-    k[:, 1] *= nh / h
+    k = rescale_intrinsics(intrinsics, nw / w, nh / h)
     k[:, 0, 2] -= left
     k[:, 1, 2] -= top
     crop = (slice(None), slice(top, top + size), slice(left, left + size))
-    return rgb[:, :, top : top + size, left : left + size], depth[crop], k.float()
+    return rgb[:, :, top : top + size, left : left + size], depth[crop], k
+
+
+def rescale_intrinsics(intrinsics: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
+    """(..., 3, 3) OpenCV intrinsics of an image resized by (scale_x, scale_y)."""
+    k = intrinsics.clone().float()
+    k[..., 0, 0] *= scale_x
+    k[..., 1, 1] *= scale_y
+    k[..., 0, 2] = (k[..., 0, 2] + 0.5) * scale_x - 0.5
+    k[..., 1, 2] = (k[..., 1, 2] + 0.5) * scale_y - 0.5
+    return k
 
 
 class GeometryFolder:

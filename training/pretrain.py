@@ -29,7 +29,16 @@ from omnistream_perception.model import IMAGENET_MEAN, IMAGENET_STD, OmniStreamM
 from .augment import multiblock_masks, random_patch_masks, random_resized_crop, rope_coordinate_scale
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import PretrainConfig, warmup_cosine
-from .data import CaptionJSONL, GeometryFolder, ImageFolder, TabletopCaptions, VideoFolder, collate, sample_indices
+from .data import (
+    CaptionJSONL,
+    GeometryFolder,
+    ImageFolder,
+    TabletopCaptions,
+    VideoFolder,
+    collate,
+    rescale_intrinsics,
+    sample_indices,
+)
 from .distributed import (
     DistributedContext,
     average_gradients,
@@ -264,8 +273,7 @@ class Pretrainer:
             depth = F.interpolate(depth.flatten(0, 1)[:, None], size=(size, size), mode="nearest").view(
                 b, t, size, size
             )
-            k[..., 0, :] *= size / w  # half-pixel convention: scaling is exact
-            k[..., 1, :] *= size / h
+            k = rescale_intrinsics(k, size / w, size / h)
         dev = self.ctx.device
         targets = normalised_geometry_targets(depth, k, batch["cam_to_world"])
         targets = {key: v.to(dev) for key, v in targets.items()}

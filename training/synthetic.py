@@ -127,9 +127,4 @@ class SyntheticTabletopStandIn:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict:
-        item = dict(self.items[i])
-        k = item["intrinsics"].clone()  # to the half-pixel convention, like GeometryFolder after resizing
-        k[:, 0, 2] += 0.5
-        k[:, 1, 2] += 0.5
-        item["intrinsics"] = k
-        return item
+        return dict(self.items[i])
