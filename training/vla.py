@@ -68,6 +68,11 @@ class VLATrainConfig:
     eval_episodes: int = 0
     eval_tasks: str = "all"
     feature_batch: int = 32
+    # How the frozen features are computed: "frame" = each frame alone (the recipe: no history); "stream" = each
+    # episode streamed through the backbone's KV cache exactly as perception_node does on the robot (same
+    # PerceptionSession code, reset per episode), so a policy deployed behind the node sees the features it
+    # was trained on.
+    features: str = "frame"
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> VLATrainConfig:
@@ -271,6 +276,43 @@ def cache_features(
     return {cam: torch.cat(v) for cam, v in out.items()}
 
 
+def stream_features(
+    policy, episodes: list[EpisodeData], cameras: list[str], backbone: str | None, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Pooled patch tokens of every frame, per camera, streamed per episode as perception_node computes them."""
+    from tqdm.auto import tqdm
+
+    from omnistream_perception.perception import PerceptionConfig, PerceptionSession
+
+    if backbone is None or not Path(backbone).is_dir():
+        raise ValueError("features='stream' needs the backbone as a checkpoint directory (--backbone DIR)")
+    # the node's settings for this policy (see omnistream_sim.policies.RosPolicy): resize to the policy's image
+    # size, its pooling, float32 tokens, the whole episode in the cache
+    session = PerceptionSession.from_config(
+        PerceptionConfig(
+            checkpoint=str(backbone),
+            max_side=int(policy.config.image_size),
+            feature_pooling=int(policy.config.pool),
+            feature_dtype="float32",
+        )
+    )
+    total = sum(len(e.actions) for e in episodes)
+    out: dict[str, list[torch.Tensor]] = {cam: [] for cam in cameras}
+    bar = tqdm(total=total * len(cameras), desc="streamed features", unit="frame", disable=not progress)
+    for ep in episodes:
+        for cam in cameras:
+            session.reset()
+            for frame in ep.images[cam]:
+                rgb = np.asarray(frame)
+                if rgb.dtype != np.uint8:  # (3, H, W) float in [0, 1]
+                    rgb = (np.clip(rgb.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+                tokens = session.process(rgb, want_depth=False, want_pose=False).patch_tokens
+                out[cam].append(torch.from_numpy(tokens.reshape(1, -1, tokens.shape[-1])))
+                bar.update(1)
+    bar.close()
+    return {cam: torch.cat(v) for cam, v in out.items()}
+
+
 @torch.no_grad()
 def dataset_loss(policy, features, chunks, pads, tasks, cameras, device, batch: int = 64) -> float:
     """The training loss over every frame of the dataset (eval mode): the before/after number of a run."""
@@ -316,7 +358,12 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     policy = build_policy(config, stats, ctx.device, resolve_bounds(config, detect_format(Path(dataset))))
     chunk = policy.config.chunk_size
     show = progress and ctx.is_main
-    features = cache_features(policy, episodes, config.cameras, config.feature_batch, show)
+    if config.features == "stream":
+        features = stream_features(policy, episodes, config.cameras, config.backbone, show)
+    elif config.features == "frame":
+        features = cache_features(policy, episodes, config.cameras, config.feature_batch, show)
+    else:
+        raise ValueError(f"features must be 'frame' or 'stream', got {config.features!r}")
     chunks, pads, tasks = [], [], []
     for e in episodes:
         a, p = action_chunks(e.actions, chunk)

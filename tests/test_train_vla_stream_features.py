@@ -1,0 +1,49 @@
+"""`train vla --set features="stream"`: the policy trains on the features perception_node will publish."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from omnistream_perception.model import OmniStreamModel
+from omnistream_perception.perception import PerceptionConfig, PerceptionSession
+from omnistream_train.vla import EpisodeData, VLATrainConfig, build_policy, cache_features, stream_features
+
+
+def test_streamed_features_equal_the_perception_session_and_carry_history(tmp_path):
+    torch.manual_seed(0)
+    model = OmniStreamModel.from_preset("debug")
+    with torch.no_grad():  # LayerScale ~1 (not the 1e-5 init) so attention to past frames matters
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    model.save_pretrained(tmp_path)
+    rng = np.random.default_rng(0)
+    episodes = [
+        EpisodeData(
+            {"static": rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)},
+            np.zeros((4, 7), np.float32),
+            "lift the red block",
+        )
+        for _ in range(2)
+    ]
+    config = VLATrainConfig.from_preset("debug", backbone=str(tmp_path), policy_overrides={"image_size": 64})
+    stats = {k: np.zeros(7, np.float32) for k in ("min", "max", "mean", "std", "q01", "q99")}
+    policy = build_policy(config, stats, torch.device("cpu"), bounds=(-1.0, 1.0))
+    streamed = stream_features(policy, episodes, ["static"], str(tmp_path), progress=False)["static"]
+    assert streamed.shape[0] == 8
+
+    session = PerceptionSession.from_config(
+        PerceptionConfig(
+            checkpoint=str(tmp_path), max_side=64, feature_pooling=policy.config.pool, feature_dtype="float32"
+        )
+    )
+    for e, ep in enumerate(episodes):  # reset per episode, then frame by frame, as the node does
+        session.reset()
+        for t, frame in enumerate(ep.images["static"]):
+            expected = session.process(frame, want_depth=False, want_pose=False).patch_tokens.reshape(-1, 64)
+            assert torch.equal(streamed[4 * e + t], torch.from_numpy(expected))
+
+    single = cache_features(policy, episodes, ["static"], batch=8, progress=False)["static"]
+    assert torch.allclose(streamed[0], single[0], atol=1e-5)  # the first frame has no history
+    assert not torch.allclose(streamed[3], single[3], atol=1e-4)  # later frames see the stream's past
