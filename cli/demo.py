@@ -178,7 +178,9 @@ def stage_perception(cfg: DemoConfig, backbone: Path, heldout: Path, figures: Pa
     _heading("4/6 perception on held-out moving-camera sequences")
     index = json.loads((heldout / "index.json").read_text())
     sequences = [GeometrySequence.load(heldout / s["file"]) for s in index["sequences"]]
-    session = PerceptionSession.from_config(PerceptionConfig(checkpoint=str(backbone), feature_pooling=1, feature_dtype="float32"))
+    session = PerceptionSession.from_config(
+        PerceptionConfig(checkpoint=str(backbone), feature_pooling=1, feature_dtype="float32")
+    )
     metrics = evaluate_sequences(session, sequences)
 
     # streaming == recomputation: the features of the last frame, streamed frame by frame vs one causal pass
