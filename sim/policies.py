@@ -51,6 +51,23 @@ class RandomPolicy:
         return np.concatenate([arm, [self._gripper]]).astype(np.float32)
 
 
+def state_columns(names) -> list[int]:
+    """Where a policy's ``state_names`` sit in the simulators' 15-D state (CALVIN robot_obs layout, named by
+    ``omnistream_sim.tabletop.env.STATE_NAMES``)."""
+    from .tabletop.env import STATE_NAMES
+
+    unknown = [n for n in names if n not in STATE_NAMES]
+    if unknown:
+        raise ValueError(f"the policy reads state {unknown} that the simulator does not provide ({list(STATE_NAMES)})")
+    return [STATE_NAMES.index(n) for n in names]
+
+
+def state_for_policy(observation: dict, columns: list[int]) -> np.ndarray:
+    if "state" not in observation:
+        raise ValueError("the policy reads the robot state, but the observation has no 'state'")
+    return np.asarray(observation["state"], dtype=np.float32).reshape(-1)[columns]
+
+
 class VLACheckpointPolicy:
     """A VLA checkpoint in-process: observation dict -> LeRobot batch -> ``select_action`` (chunk queue inside)."""
 
@@ -65,6 +82,7 @@ class VLACheckpointPolicy:
         self.model = OmniStreamVLAPolicy.from_pretrained(directory, device=device)
         self.model.eval()
         self.cameras = tuple(self.model.config.cameras)
+        self.state_columns = state_columns(self.model.config.state_names)
         self.name = f"ckpt:{directory.name}"
 
     def reset(self) -> None:
@@ -77,8 +95,8 @@ class VLACheckpointPolicy:
             raise ValueError(f"the checkpoint wants cameras {list(self.cameras)}; the observation lacks {missing}")
         batch: dict[str, Any] = {f"observation.images.{c}": np.asarray(images[c])[None] for c in self.cameras}
         batch["task"] = [observation["instruction"]]
-        if "state" in observation:
-            batch["observation.state"] = np.asarray(observation["state"], dtype=np.float32)[None]
+        if self.state_columns:
+            batch["observation.state"] = state_for_policy(observation, self.state_columns)[None]
         return batch
 
     def select_action(self, observation: dict) -> np.ndarray:
@@ -150,6 +168,7 @@ class RosPolicy:
         self.timeout = float(timeout)
         self.pos_step, self.rot_step = pos_step, rot_step
         self.cameras = tuple(self.vla_config.cameras)
+        self.state_columns = state_columns(self.vla_config.state_names)
         self.rate = 30.0  # control periods per simulated second (only the /clock arithmetic depends on it)
         self.perception_params = {
             "checkpoint": str(self.backbone),
@@ -193,7 +212,7 @@ class RosPolicy:
         from rclpy.parameter import Parameter
         from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
         from rosgraph_msgs.msg import Clock
-        from sensor_msgs.msg import CameraInfo, Image
+        from sensor_msgs.msg import CameraInfo, Image, JointState
         from std_msgs.msg import String
         from std_srvs.srv import Trigger
 
@@ -228,6 +247,8 @@ class RosPolicy:
         self._info_pubs = {c: self.harness.create_publisher(CameraInfo, f"{c}/camera_info" if multi else "camera_info",
                                                             sensor) for c in self.cameras}  # fmt: skip
         self._instruction_pub = self.harness.create_publisher(String, "instruction", latched)
+        # The robot state for a policy that reads it (vla_node picks its state_names out of the JointState).
+        self._state_pub = self.harness.create_publisher(JointState, "joint_states", 10) if self.state_columns else None
         self._clock_pub = self.harness.create_publisher(Clock, "/clock", 10)
         self._actions: list = []
         self.harness.create_subscription(EndEffectorAction, "/vla_node/action", self._on_action, 10)
@@ -302,6 +323,23 @@ class RosPolicy:
             if not future.result().success:
                 raise RuntimeError(f"{client.srv_name} failed: {future.result().message}")
 
+    def _publish_state(self, observation: dict, stamp) -> None:
+        """The simulator's full state as sensor_msgs/JointState, every entry named (STATE_NAMES); waits until
+        vla_node has it, so this step's action is computed from this step's state."""
+        from sensor_msgs.msg import JointState
+
+        from omnistream_perception.ros_image import make_header
+
+        from .tabletop.env import STATE_NAMES
+
+        state = np.asarray(observation["state"], dtype=np.float64).reshape(-1)
+        if state.shape[0] != len(STATE_NAMES):
+            raise ValueError(f"the observation's state has {state.shape[0]} entries, expected {len(STATE_NAMES)}")
+        received = self.vla.joint_states_received
+        msg = JointState(header=make_header(stamp, "base_link"), name=list(STATE_NAMES), position=state.tolist())
+        self._state_pub.publish(msg)
+        self._wait(lambda: self.vla.joint_states_received > received, "joint_states at vla_node")
+
     def select_action(self, observation: dict) -> np.ndarray:
         from std_msgs.msg import String
 
@@ -321,6 +359,8 @@ class RosPolicy:
         taken_in = self.vla.feature_stats.counts["processed"]
         sent = time.perf_counter()
         stamp = self.vla.get_clock().now().to_msg()
+        if self._state_pub is not None:
+            self._publish_state(observation, stamp)
         for cam in self.cameras:
             rgb = observation["images"][cam]
             header = make_header(stamp, f"{cam}_camera")

@@ -73,6 +73,9 @@ class VLATrainConfig:
     # PerceptionSession code, reset per episode), so a policy deployed behind the node sees the features it
     # was trained on.
     features: str = "frame"
+    # Robot state input (LeRobot's observation.state): names of the state entries the policy reads, or "all";
+    # None = no state (the recipe). Tabletop demonstrations name theirs (omnistream_sim.tabletop.STATE_NAMES).
+    state: Any = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> VLATrainConfig:
@@ -98,6 +101,7 @@ class EpisodeData:
     images: dict[str, Any]  # camera -> (T, H, W, 3) uint8 array, or (T, 3, H, W) float in [0, 1]
     actions: np.ndarray  # (T, 7)
     instruction: str
+    state: np.ndarray | None = None  # (T, S) robot state, named by the dataset's state names
 
 
 def detect_format(root: Path) -> str:
@@ -167,10 +171,29 @@ def _tabletop_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
             missing = [c for c in cameras if c not in f.files]
             if missing:
                 raise ValueError(f"{root / entry['file']} has no camera {missing}")
+            state = f["state"].astype(np.float32) if "state" in f.files else None
             episodes.append(
-                EpisodeData({c: f[c] for c in cameras}, f["actions"].astype(np.float32), str(f["instruction"]))
+                EpisodeData({c: f[c] for c in cameras}, f["actions"].astype(np.float32), str(f["instruction"]), state)
             )
     return episodes
+
+
+def select_state(config: VLATrainConfig, episodes: list[EpisodeData], kind: str) -> tuple[list[str], np.ndarray | None]:
+    """The state names the policy reads and the (N_frames, S) state of every frame (None without state)."""
+    if config.state in (None, [], ()):
+        return [], None
+    if kind != "tabletop":
+        raise ValueError(f"state input is supported for tabletop demonstrations, not {kind} datasets")
+    from omnistream_sim.tabletop.env import STATE_NAMES
+
+    names = list(STATE_NAMES) if config.state == "all" else [str(n) for n in config.state]
+    unknown = [n for n in names if n not in STATE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown state names {unknown}; the tabletop's are {list(STATE_NAMES)} (or 'all')")
+    if any(e.state is None for e in episodes):
+        raise ValueError("state input needs demonstrations that carry 'state' (regenerate them)")
+    columns = [STATE_NAMES.index(n) for n in names]
+    return names, np.concatenate([e.state[:, columns] for e in episodes]).astype(np.float32)
 
 
 def action_chunks(actions: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -224,6 +247,8 @@ def build_policy(
     stats: dict[str, np.ndarray],
     device: torch.device,
     bounds: tuple[float, float] | None = None,
+    state_names: list[str] | None = None,
+    states: np.ndarray | None = None,
 ):
     from omnistream_perception.model import OmniStreamModel
     from omnistream_vla.normalization import ActionNormalizer
@@ -236,6 +261,8 @@ def build_policy(
         backbone = OmniStreamModel.from_preset(config.backbone_preset)
     overrides = dict(config.policy_overrides)
     overrides.update(vision_hidden_size=backbone.config.hidden_size, cameras=tuple(config.cameras))
+    if state_names:
+        overrides["state_names"] = tuple(state_names)
     overrides.setdefault("lr", config.lr)
     overrides.setdefault("projector_lr", config.projector_lr)
     overrides.setdefault("grad_clip", config.grad_clip)
@@ -252,6 +279,10 @@ def build_policy(
             {k: torch.as_tensor(v[:arm]) for k, v in stats.items() if k != "count"},
         )
     policy = OmniStreamVLAPolicy(policy_config, normalizer=normalizer, backbone=backbone)
+    if policy.state_encoder is not None:
+        if states is None:
+            raise ValueError("state_names given without the dataset's states (for the statistics)")
+        policy.state_encoder.set_statistics(states.mean(0), states.std(0))
     return policy.to(device)
 
 
@@ -314,7 +345,7 @@ def stream_features(
 
 
 @torch.no_grad()
-def dataset_loss(policy, features, chunks, pads, tasks, cameras, device, batch: int = 64) -> float:
+def dataset_loss(policy, features, chunks, pads, tasks, cameras, device, batch: int = 64, states=None) -> float:
     """The training loss over every frame of the dataset (eval mode): the before/after number of a run."""
     was_training = policy.training
     policy.eval()
@@ -323,6 +354,8 @@ def dataset_loss(policy, features, chunks, pads, tasks, cameras, device, batch: 
         idx = list(range(s, min(len(tasks), s + batch)))
         data = {f"observation.features.{cam}": features[cam][idx].to(device) for cam in cameras}
         data.update(action=chunks[idx].to(device), action_is_pad=pads[idx].to(device), task=[tasks[i] for i in idx])
+        if states is not None:
+            data["observation.state"] = states[idx].to(device)
         loss, _ = policy(data)
         total += float(loss) * len(idx)
         count += len(idx)
@@ -355,7 +388,10 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     if all_actions.ndim != 2 or all_actions.shape[1] != 7:
         raise ValueError(f"actions must be 7-D (6 arm + gripper), got shape {all_actions.shape[1:]}")
     stats = action_statistics(all_actions)
-    policy = build_policy(config, stats, ctx.device, resolve_bounds(config, detect_format(Path(dataset))))
+    kind = detect_format(Path(dataset))
+    state_names, states = select_state(config, episodes, kind)
+    policy = build_policy(config, stats, ctx.device, resolve_bounds(config, kind), state_names, states)
+    states_t = torch.from_numpy(states) if states is not None else None
     chunk = policy.config.chunk_size
     show = progress and ctx.is_main
     if config.features == "stream":
@@ -395,7 +431,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
             raise ValueError(f"{path} was written by {scalars['world_size']} processes; resume with as many")
         step = int(scalars["step"])
     autocast_dtype = _precision(config, ctx.device)
-    initial_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device)
+    initial_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t)
     logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=step if resume else None)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -414,6 +450,8 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
         batch.update(
             action=chunks_t[idx].to(ctx.device), action_is_pad=pads_t[idx].to(ctx.device), task=[tasks[i] for i in idx]
         )
+        if states_t is not None:
+            batch["observation.state"] = states_t[idx].to(ctx.device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss, info = policy(batch)
@@ -435,7 +473,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
                             {"step": step, "world_size": ctx.world_size, "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - began
-    final_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device)
+    final_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t)
     digests = gather_strings(weights_digest(policy), ctx)
     logger.close()
     result: dict[str, Any] = {"steps": step, "seconds": seconds, "final": logs, "first_loss": first_loss, "frames": frames,

@@ -44,6 +44,12 @@ TCP_LINK = 11  # panda_grasptarget: between the fingertips
 HAND_LINK = 8
 HOME_JOINTS = (0.0, -0.25, 0.0, -2.3, 0.0, 2.05, math.pi / 4)
 FINGER_OPEN = 0.04
+# Names of the entries of ``observation["state"]`` (CALVIN's robot_obs layout), e.g. for a policy's state_names and
+# for the sensor_msgs/JointState the ROS harness publishes (name[i] labels position[i]).
+STATE_NAMES = (
+    "tcp_x", "tcp_y", "tcp_z", "tcp_roll", "tcp_pitch", "tcp_yaw", "gripper_opening",
+    *(f"panda_joint{i}" for i in range(1, 8)), "gripper_action",
+)  # fmt: skip
 # The room (metres, world frame): every view of the table ends on a wall or the floor well inside the far plane.
 ROOM_X = (-0.8, 1.8)
 ROOM_Y = (-1.2, 1.2)

@@ -6,8 +6,12 @@ Inputs (relative names, remap them):
 * ``instruction`` (std_msgs/String, reliable + transient-local by default, so a node started late still
   gets the last instruction; publish it transient-local too, e.g. ``ros2 topic pub --qos-durability
   transient_local``).
-* ``joint_states`` (sensor_msgs/JointState), only with ``use_joint_states: true`` (reported, not used by the
-  recipe's policy, which has no proprioception).
+* ``joint_states`` (sensor_msgs/JointState): always for a policy with robot-state input (``state_names`` in its
+  config), otherwise only with ``use_joint_states: true`` (then only reported). The policy's state is read BY NAME:
+  entry i of ``observation.state`` is ``position[name.index(state_names[i])]`` of the newest message (so a robot
+  driver publishes its joints and any extra named entries, e.g. the tabletop harness publishes the simulator's
+  15-D state named by ``omnistream_sim.tabletop.env.STATE_NAMES``: TCP pose, gripper opening, 7 joints, last
+  gripper command). A missing name, a non-finite value or a state older than ``max_feature_age`` -> stop action.
 
 Outputs, one per control period (``control_rate`` Hz):
 * ``~/action`` (omnistream_msgs/EndEffectorAction): translation [m] and rotation [rad, roll-pitch-yaw] =
@@ -133,6 +137,9 @@ class VLANode(Node):
         self._features: dict[str, tuple[np.ndarray, float]] = {}  # camera -> (tokens, monotonic receipt time)
         self._gripper = float(self._param("initial_gripper"))
         self._joint_state: JointState | None = None
+        self._joint_state_time = 0.0
+        self.joint_states_received = 0
+        self.state_names = list(getattr(self.policy.config, "state_names", ()))
         self._was_stale = False
         self.actions_published = 0
         self.stops_published = 0
@@ -158,7 +165,7 @@ class VLANode(Node):
             history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=durability
         )
         self.create_subscription(String, "instruction", self._on_instruction, instruction_qos, callback_group=intake)
-        if self._param("use_joint_states"):
+        if self._param("use_joint_states") or self.state_names:
             self.create_subscription(JointState, "joint_states", self._on_joint_states, 10, callback_group=intake)
         self.action_pub = self.create_publisher(EndEffectorAction, "~/action", OUTPUT_QOS)
         self.twist_pub = self.create_publisher(TwistStamped, "~/twist", OUTPUT_QOS)
@@ -237,6 +244,8 @@ class VLANode(Node):
     def _on_joint_states(self, msg: JointState) -> None:
         with self._lock:
             self._joint_state = msg
+            self._joint_state_time = time.monotonic()
+            self.joint_states_received += 1
         self.control_stats.set_value("joint_states", len(msg.position))
 
     def _on_reset(self, request, response):
@@ -250,11 +259,27 @@ class VLANode(Node):
         with self._policy_lock:
             self.policy.reset()
 
+    def _policy_state(self, msg: JointState | None, age: float, max_age: float) -> tuple[np.ndarray | None, str | None]:
+        """The policy's state vector from the newest JointState, by name; or the reason it cannot be built."""
+        if msg is None:
+            return None, "no joint_states yet (the policy reads the robot state)"
+        if age > max_age:
+            return None, f"joint_states older than {max_age} s"
+        names = list(msg.name)
+        missing = [n for n in self.state_names if n not in names]
+        if missing or len(msg.position) < len(names):
+            return None, f"joint_states lacks {missing or 'positions for its names'}"
+        state = np.array([msg.position[names.index(n)] for n in self.state_names], dtype=np.float32)
+        if not np.isfinite(state).all():
+            return None, "joint_states holds NaN/inf"
+        return state, None
+
     # -- control loop -------------------------------------------------------------------------------------------
     def _on_control(self) -> None:
         with self._lock:
             instruction = self._instruction
             features = dict(self._features)
+            joint_state, joint_state_time = self._joint_state, self._joint_state_time
         if instruction is None:
             return  # idle: nothing to do, nothing to command
         now = time.monotonic()
@@ -278,6 +303,15 @@ class VLANode(Node):
             observation[f"{key}.{cam}"] = (
                 tokens.reshape(1, -1, tokens.shape[-1]) if key.endswith("features") else tokens[None]
             )
+        if self.state_names:
+            state, problem = self._policy_state(joint_state, now - joint_state_time, max_age)
+            if problem is not None:
+                self.get_logger().warning(f"{problem}: stop action", throttle_duration_sec=2.0)
+                self.control_stats.set_level(DiagnosticStatus.WARN, f"{problem}: stopped")
+                self._clear_queue()
+                self._publish(None)
+                return
+            observation["observation.state"] = state[None]
         start = time.perf_counter()
         try:
             with self._policy_lock:

@@ -59,6 +59,13 @@ class OmniStreamVLAConfig:
     pool: int = 2  # patch tokens are average-pooled pool x pool per frame before the projector
     cameras: tuple[str, ...] = ("static",)  # one camera per entry, visual tokens concatenated in this order
 
+    # --- robot state (optional, LeRobot's ``observation.state``) ------------------------------------------------
+    # Names of the state entries the policy reads, in order; empty = no state input (the recipe). The state is
+    # normalised with dataset mean/std saved with the policy and projected to ONE extra LLM token placed right
+    # before the action query. Adapters pick the entries by name: the simulator harness from its state layout,
+    # vla_node from sensor_msgs/JointState names (see vla_node's module doc).
+    state_names: tuple[str, ...] = ()
+
     # --- language model ---------------------------------------------------------------------------------------
     # "debug" -> tiny random Qwen2 from llm_config; "weights" -> <policy dir>/llm; otherwise a hub id or directory.
     llm: str = "debug"
@@ -96,6 +103,9 @@ class OmniStreamVLAConfig:
 
     def __post_init__(self) -> None:
         self.cameras = tuple(self.cameras)
+        self.state_names = tuple(self.state_names)
+        if len(set(self.state_names)) != len(self.state_names):
+            raise ValueError(f"state_names must be unique, got {list(self.state_names)}")
         self.head_branch_dims = tuple(self.head_branch_dims)
         if not self.cameras:
             raise ValueError("cameras must name at least one camera")
@@ -121,6 +131,10 @@ class OmniStreamVLAConfig:
     @property
     def action_dims(self) -> int:
         return self.arm_dims + self.gripper_dims
+
+    @property
+    def state_dims(self) -> int:
+        return len(self.state_names)
 
     @property
     def actions_per_chunk(self) -> int:
@@ -155,6 +169,7 @@ class OmniStreamVLAConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["cameras"] = list(self.cameras)
+        data["state_names"] = list(self.state_names)
         data["head_branch_dims"] = list(self.head_branch_dims)
         return data
 

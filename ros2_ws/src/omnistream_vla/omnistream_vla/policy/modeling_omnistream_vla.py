@@ -15,7 +15,8 @@ Observation / batch keys (one frame per sample, no history, as in the recipe). F
 * ``observation.images.<cam>``:       (B, 3, H, W) float in [0, 1] or uint8 (B, H, W, 3); the policy runs the
                                         frozen backbone itself (loaded from ``config.backbone``)
 
-and ``task`` (list of B strings; ``instruction`` is accepted too). Training batches (``forward``) add
+and ``task`` (list of B strings; ``instruction`` is accepted too); a policy with ``config.state_names`` also
+needs ``observation.state``: (B, len(state_names)) float in raw units (normalised inside with saved statistics). Training batches (``forward``) add
 ``action``: (B, chunk_size, 7) float in the DATASET's units (arm dims normalised here with the saved statistics;
 gripper +1 open / -1 close) and optionally ``action_is_pad``: (B, chunk_size) bool (steps past an episode's end,
 left out of the loss). Optimiser groups for finetuning: ``policy.parameter_groups()`` (projector lr 1e-4, the
@@ -92,6 +93,31 @@ class VisualProjector(nn.Module):
         return self.net(x)
 
 
+class StateEncoder(nn.Module):
+    """Robot state -> one LLM token: (x - mean) / std with the dataset's statistics (buffers, saved with the
+    policy), then a two-layer MLP. Normalising inside keeps raw units at every caller (sim harness, vla_node)."""
+
+    def __init__(self, state_dims: int, llm_hidden: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(state_dims))
+        self.register_buffer("std", torch.ones(state_dims))
+        self.net = nn.Sequential(nn.Linear(state_dims, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden))
+
+    @torch.no_grad()
+    def set_statistics(self, mean, std) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean.shape != self.mean.shape or std.shape != self.std.shape:
+            raise ValueError(
+                f"state statistics must have {self.mean.numel()} entries, got {mean.numel()}/{std.numel()}"
+            )
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp_min(1e-3))  # near-constant entries (a joint that barely moves) stay finite
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net((state - self.mean) / self.std)
+
+
 def build_llm(config: OmniStreamVLAConfig, directory: str | Path | None = None, random_weights: bool = False):
     """The Qwen2ForCausalLM of the policy: tiny random (debug), saved weights, or a Qwen2.5 hub id/directory."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -136,6 +162,7 @@ class OmniStreamVLAPolicy(nn.Module):
         # Appended last to every prompt; initialised to zeros as in the recipe.
         self.action_query = nn.Parameter(torch.zeros(llm_hidden))
         self.action_head = ActionHead(config, llm_hidden)
+        self.state_encoder = StateEncoder(config.state_dims, llm_hidden) if config.state_dims else None
         self.normalizer = normalizer or ActionNormalizer.identity(config.arm_dims)
         if backbone is not None:
             self.set_backbone(backbone)
@@ -181,6 +208,8 @@ class OmniStreamVLAPolicy(nn.Module):
         self.normalizer.save(out)
         state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         state.update({f"action_head.{k}": v for k, v in self.action_head.state_dict().items()})
+        if self.state_encoder is not None:
+            state.update({f"state_encoder.{k}": v for k, v in self.state_encoder.state_dict().items()})
         state["action_query"] = self.action_query.detach()
         save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(out / WEIGHTS_FILE))
 
@@ -199,6 +228,11 @@ class OmniStreamVLAPolicy(nn.Module):
         projector = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
         head = {k.removeprefix("action_head."): v for k, v in state.items() if k.startswith("action_head.")}
         policy.projector.load_state_dict(projector)
+        if policy.state_encoder is not None:
+            encoder = {k.removeprefix("state_encoder."): v for k, v in state.items() if k.startswith("state_encoder.")}
+            if not encoder:
+                raise ValueError(f"{weights_path} has no state_encoder weights but config.state_names is set")
+            policy.state_encoder.load_state_dict(encoder)
         policy.action_head.load_state_dict(head)
         return policy.to(device).eval()
 
@@ -243,6 +277,8 @@ class OmniStreamVLAPolicy(nn.Module):
         """Optimiser groups of the recipe: projector at ``config.projector_lr``; LLM (with text embeddings),
         action query and head at ``config.lr``. The frozen backbone is in none."""
         projector = [p for p in self.projector.parameters() if p.requires_grad]
+        if self.state_encoder is not None:  # a projector too (state -> LLM width): the projector's rate
+            projector += [p for p in self.state_encoder.parameters() if p.requires_grad]
         rest = [p for m in (self.llm, self.action_head) for p in m.parameters() if p.requires_grad]
         rest.append(self.action_query)
         return [
@@ -284,6 +320,27 @@ class OmniStreamVLAPolicy(nn.Module):
             per_camera.append(tokens)
         return per_camera
 
+    def state_of(self, batch: dict[str, Any], batch_size: int) -> torch.Tensor | None:
+        """(B, state_dims) float from ``observation.state`` (None when the policy takes no state)."""
+        if self.state_encoder is None:
+            return None
+        if "observation.state" not in batch:
+            raise ValueError(
+                f"this policy reads the robot state {list(self.config.state_names)}: the observation needs "
+                "'observation.state' (B, state_dims)"
+            )
+        state = torch.as_tensor(batch["observation.state"]).to(self.action_query.device, torch.float32)
+        if state.ndim == 1:
+            state = state[None]
+        if tuple(state.shape) != (batch_size, self.config.state_dims):
+            raise ValueError(
+                f"observation.state must be ({batch_size}, {self.config.state_dims}) "
+                f"({', '.join(self.config.state_names)}), got {tuple(state.shape)}"
+            )
+        if not torch.isfinite(state).all():
+            raise ValueError("observation.state holds NaN or inf")
+        return state
+
     @torch.no_grad()
     def encode_images(self, images) -> torch.Tensor:
         """Raw images -> frozen backbone (one frame, no history) -> pooled patch tokens (B, n, D_v)."""
@@ -295,9 +352,9 @@ class OmniStreamVLAPolicy(nn.Module):
         return self.processor.pool_patch_tokens(grid)
 
     def build_inputs(
-        self, visual: list[torch.Tensor], instructions: list[str]
+        self, visual: list[torch.Tensor], instructions: list[str], state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[prefix | cam0 | sep | cam1 ... | suffix(instruction) | action query], LEFT-padded.
+        """[prefix | cam0 | sep | cam1 ... | suffix(instruction) | (state) | action query], LEFT-padded.
 
         Position ids come from the attention mask (first real token = 0), so every real token, the action
         query included, sees exactly what it would see alone: the action does not depend on padding.
@@ -309,6 +366,7 @@ class OmniStreamVLAPolicy(nn.Module):
         device, dtype = embed.weight.device, embed.weight.dtype
         projected = [self.projector(v).to(dtype) for v in visual]
         query = self.action_query.to(dtype).view(1, -1)
+        state_tokens = self.state_encoder(state).to(dtype) if state is not None else None
 
         def ids_embedding(ids: tuple[int, ...]) -> torch.Tensor:
             return embed(torch.tensor(ids, dtype=torch.long, device=device))
@@ -324,7 +382,10 @@ class OmniStreamVLAPolicy(nn.Module):
                 if c:
                     parts.append(separator)
                 parts.append(cam_tokens[i])
-            parts += [ids_embedding(prompt.suffix), query]
+            parts.append(ids_embedding(prompt.suffix))
+            if state_tokens is not None:
+                parts.append(state_tokens[i : i + 1])
+            parts.append(query)
             sequences.append(torch.cat(parts, dim=0))
         length = max(s.shape[0] for s in sequences)
         width = sequences[0].shape[-1]
@@ -337,7 +398,9 @@ class OmniStreamVLAPolicy(nn.Module):
         return inputs, mask, position_ids
 
     def query_hidden_state(self, batch: dict[str, Any]) -> torch.Tensor:
-        inputs, mask, position_ids = self.build_inputs(self.visual_features(batch), self.instructions_of(batch))
+        visual = self.visual_features(batch)
+        state = self.state_of(batch, visual[0].shape[0])
+        inputs, mask, position_ids = self.build_inputs(visual, self.instructions_of(batch), state)
         if self.use_prefix_cache and inputs.shape[0] == 1 and not self.training and not torch.is_grad_enabled():
             return self._query_hidden_state_with_prefix_cache(inputs, mask, position_ids)
         out = self.llm.model(inputs_embeds=inputs, attention_mask=mask, position_ids=position_ids, use_cache=False)
