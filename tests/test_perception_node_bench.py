@@ -28,7 +28,7 @@ def test_bench_node_reports_overhead_and_drops_under_a_fast_camera(fixture_a, tm
         "--rate",
         "60",
         "--extra-model-ms",
-        "60",
+        "150",
         "--json",
         str(out),
     ]
@@ -43,7 +43,7 @@ def test_bench_node_reports_overhead_and_drops_under_a_fast_camera(fixture_a, tm
     assert o["budget_measure"] == "node_only_ms" and o["within_budget"] == (o["node_only_ms"] < 10.0)
     r = report["realtime"]
     assert r["published"] == 24 and r["newest_frame_processed"]
-    # a model at > 60 ms per frame and a 60 Hz camera: most frames are superseded, none queue up
+    # a model at > 150 ms per frame and a 60 Hz camera: most frames are superseded, none queue up
     assert r["dropped"] > 0 and r["processed"] < r["received_by_node"] / 2
     assert r["processed"] + r["dropped"] + r["errors"] == r["received_by_node"]
     assert r["outputs_received"] == r["processed"] and r["cache_frames"] == r["processed"]
