@@ -23,12 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="omnistream",
         description="OmniStream streaming backbone on ROS 2: benchmarks, simulation, training, data, bring-up.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("omnistream-stack")
+    except PackageNotFoundError:  # running from a source tree without an install
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,3 +71,7 @@ def test_bad_arguments_exit_non_zero_with_a_message():
     assert res.returncode == 2 and "--frames must be comma-separated integers" in res.stderr
     res = run("bench", "stream", "--resolution", "100", check=False)
     assert res.returncode == 2 and "multiple of the patch size" in res.stderr
+
+
+def test_version():
+    assert run("--version").stdout.startswith("omnistream 0.")
