@@ -35,8 +35,11 @@ def resident_bytes() -> int:
         return int(fh.read().split()[1]) * _PAGE
 
 
-def measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]:
-    """Runs ``fn`` and returns (result, peak bytes in use during it, counting what was live before)."""
+def measure_peak(fn: Callable[[], Any], device: torch.device, interval: float = 0.0005) -> tuple[Any, int]:
+    """Runs ``fn`` and returns (result, peak bytes in use during it, counting what was live before).
+
+    ``interval``: seconds between resident-memory samples on CPU (coarser for long calls).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -51,7 +54,7 @@ def measure_peak(fn: Callable[[], Any], device: torch.device) -> tuple[Any, int]
         nonlocal peak
         while not done.is_set():
             peak = max(peak, resident_bytes())
-            time.sleep(0.0005)
+            time.sleep(interval)
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
