@@ -154,7 +154,11 @@ def stage_vla(
     cfg: DemoConfig, root: Path, data: dict[str, Path], backbone: Path, retrained: bool
 ) -> tuple[Path, float]:
     out = root / "checkpoints" / "vla"
-    key = cfg.key("vla_preset", "vla_args", "tasks")
+    from omnistream_train.vla import VLATrainConfig
+
+    # the preset's content is part of the key: a changed preset retrains instead of reusing an older policy
+    preset = json.dumps(asdict(VLATrainConfig.from_preset(cfg.vla_preset)), sort_keys=True)
+    key = cfg.key("vla_preset", "vla_args", "tasks") + hashlib.sha256(preset.encode()).hexdigest()[:8]
     if not (cfg.retrain or retrained) and _done(out, key):
         print(f"vla: cached ({out / 'policy'})")
         return out / "policy", json.loads((out / "stage.json").read_text())["minutes"]

@@ -181,3 +181,27 @@ def test_vla_node_reads_the_state_by_name_from_joint_states():
         node.destroy_node()
         helper.destroy_node()
         context.try_shutdown()
+
+
+def test_visual_positions_tell_identical_tokens_apart_on_any_square_grid(tmp_path):
+    torch.manual_seed(0)
+    config = OmniStreamVLAConfig.preset("debug", backbone=None, visual_positions=True, cameras=("static", "wrist"))
+    policy = OmniStreamVLAPolicy(config).eval()
+    policy.action_query.data.normal_()
+    # identical features everywhere: only the position code can tell the tokens apart; the wrist grid (6x6) may
+    # differ from the static one (4x4), the encoding uses normalised coordinates
+    static, wrist = torch.ones(1, 16, 64), torch.ones(1, 36, 64)
+    inputs, mask, _ = policy.build_inputs([static, wrist], ["lift the red block"])
+    prefix = len(policy.processor.encode_instruction("x").prefix)
+    visual = inputs[0, prefix : prefix + 16]
+    assert torch.unique(visual.round(decimals=5), dim=0).shape[0] == 16, "every static token is distinct"
+    assert not torch.allclose(policy.visual_positions(16, 0), policy.visual_positions(16, 1)), "cameras differ"
+    plain = OmniStreamVLAPolicy(OmniStreamVLAConfig.preset("debug", backbone=None)).eval()
+    plain_inputs, _, _ = plain.build_inputs([static], ["lift the red block"])
+    assert torch.unique(plain_inputs[0, prefix : prefix + 16].round(decimals=5), dim=0).shape[0] == 1
+    batch = {"observation.features.static": static, "observation.features.wrist": wrist, "task": ["lift"]}
+    base = policy.predict_normalized(batch)[0]
+    policy.save_pretrained(tmp_path / "p")
+    loaded = OmniStreamVLAPolicy.from_pretrained(tmp_path / "p")
+    assert loaded.config.visual_positions
+    assert torch.equal(loaded.predict_normalized(batch)[0], base)

@@ -65,6 +65,10 @@ class OmniStreamVLAConfig:
     # before the action query. Adapters pick the entries by name: the simulator harness from its state layout,
     # vla_node from sensor_msgs/JointState names (see vla_node's module doc).
     state_names: tuple[str, ...] = ()
+    # Where each visual token sits in its image, added to the projected tokens (sin-cos of the normalised patch
+    # centre + camera one-hot -> Linear). OmniStream encodes position with RoPE only, so its patch tokens carry
+    # little absolute position; without this the LLM must recover "where" from the token order alone.
+    visual_positions: bool = False
 
     # --- language model ---------------------------------------------------------------------------------------
     # "debug" -> tiny random Qwen2 from llm_config; "weights" -> <policy dir>/llm; otherwise a hub id or directory.

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,31 @@ class VisualProjector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class VisualPositions(nn.Module):
+    """Absolute position of each visual token: sin-cos features of its patch-centre coordinates in [0, 1] (any
+    square grid: a 6x6 wrist grid and an 8x8 static one share the same encoding) plus the camera's one-hot,
+    through a Linear to the LLM width. A token row that is not a square grid is treated as one row."""
+
+    FREQUENCIES = 6
+
+    def __init__(self, cameras: int, llm_hidden: int) -> None:
+        super().__init__()
+        self.cameras = cameras
+        self.proj = nn.Linear(4 * self.FREQUENCIES + cameras, llm_hidden)
+
+    def forward(self, n: int, camera: int) -> torch.Tensor:
+        device = self.proj.weight.device
+        side = int(round(n**0.5))
+        h, w = (side, side) if side * side == n else (1, n)
+        ys = (torch.arange(h, device=device) + 0.5) / h
+        xs = (torch.arange(w, device=device) + 0.5) / w
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(-1, 2)  # (n, 2) row-major
+        angles = coords[:, :, None] * (math.pi * 2.0 ** torch.arange(self.FREQUENCIES, device=device))
+        feats = torch.cat([angles.sin().flatten(1), angles.cos().flatten(1)], -1)
+        onehot = F.one_hot(torch.full((n,), camera, device=device), self.cameras).float()
+        return self.proj(torch.cat([feats, onehot], -1))
 
 
 class StateEncoder(nn.Module):
@@ -163,6 +189,7 @@ class OmniStreamVLAPolicy(nn.Module):
         self.action_query = nn.Parameter(torch.zeros(llm_hidden))
         self.action_head = ActionHead(config, llm_hidden)
         self.state_encoder = StateEncoder(config.state_dims, llm_hidden) if config.state_dims else None
+        self.visual_positions = VisualPositions(len(config.cameras), llm_hidden) if config.visual_positions else None
         self.normalizer = normalizer or ActionNormalizer.identity(config.arm_dims)
         if backbone is not None:
             self.set_backbone(backbone)
@@ -210,6 +237,8 @@ class OmniStreamVLAPolicy(nn.Module):
         state.update({f"action_head.{k}": v for k, v in self.action_head.state_dict().items()})
         if self.state_encoder is not None:
             state.update({f"state_encoder.{k}": v for k, v in self.state_encoder.state_dict().items()})
+        if self.visual_positions is not None:
+            state.update({f"visual_positions.{k}": v for k, v in self.visual_positions.state_dict().items()})
         state["action_query"] = self.action_query.detach()
         save_file({k: v.detach().float().contiguous().cpu() for k, v in state.items()}, str(out / WEIGHTS_FILE))
 
@@ -228,6 +257,11 @@ class OmniStreamVLAPolicy(nn.Module):
         projector = {k.removeprefix("projector."): v for k, v in state.items() if k.startswith("projector.")}
         head = {k.removeprefix("action_head."): v for k, v in state.items() if k.startswith("action_head.")}
         policy.projector.load_state_dict(projector)
+        if policy.visual_positions is not None:
+            positions = {
+                k.removeprefix("visual_positions."): v for k, v in state.items() if k.startswith("visual_positions.")
+            }
+            policy.visual_positions.load_state_dict(positions)
         if policy.state_encoder is not None:
             encoder = {k.removeprefix("state_encoder."): v for k, v in state.items() if k.startswith("state_encoder.")}
             if not encoder:
@@ -277,8 +311,9 @@ class OmniStreamVLAPolicy(nn.Module):
         """Optimiser groups of the recipe: projector at ``config.projector_lr``; LLM (with text embeddings),
         action query and head at ``config.lr``. The frozen backbone is in none."""
         projector = [p for p in self.projector.parameters() if p.requires_grad]
-        if self.state_encoder is not None:  # a projector too (state -> LLM width): the projector's rate
-            projector += [p for p in self.state_encoder.parameters() if p.requires_grad]
+        for extra in (self.state_encoder, self.visual_positions):  # projectors too (-> LLM width): their rate
+            if extra is not None:
+                projector += [p for p in extra.parameters() if p.requires_grad]
         rest = [p for m in (self.llm, self.action_head) for p in m.parameters() if p.requires_grad]
         rest.append(self.action_query)
         return [
@@ -364,7 +399,10 @@ class OmniStreamVLAPolicy(nn.Module):
             raise ValueError(f"{len(instructions)} instructions for a batch of {batch_size}")
         embed = self.llm.get_input_embeddings()
         device, dtype = embed.weight.device, embed.weight.dtype
-        projected = [self.projector(v).to(dtype) for v in visual]
+        projected = [self.projector(v) for v in visual]
+        if self.visual_positions is not None:
+            projected = [t + self.visual_positions(t.shape[1], c).to(t.dtype) for c, t in enumerate(projected)]
+        projected = [t.to(dtype) for t in projected]
         query = self.action_query.to(dtype).view(1, -1)
         state_tokens = self.state_encoder(state).to(dtype) if state is not None else None
 
