@@ -39,6 +39,9 @@ from .distributed import (
 )
 from .metrics import MetricsLogger
 
+# The robot state the demo preset's policy reads (names of omnistream_sim.tabletop.env.STATE_NAMES).
+DEMO_STATE = ("tcp_x", "tcp_y", "tcp_z", "gripper_opening", "gripper_action")
+
 
 @dataclass
 class VLATrainConfig:
@@ -85,8 +88,12 @@ class VLATrainConfig:
             # 128 px frames (4x4 pooled tokens): at 64 px (2x2 tokens) the arm's phase is hard to tell apart
             "debug": dict(batch_size=32, max_steps=600, lr=2e-3, projector_lr=2e-3, warmup_steps=30, min_lr_ratio=0.01,
                           save_every=200, policy_overrides={"image_size": 128}),
+            # make demo's closed loop: both cameras at 128 px with unpooled 16 px patches (the block's few pixels
+            # survive), where each token sits in its image (visual_positions), and the robot state (TCP position,
+            # gripper opening and command) as one extra token
             "demo": dict(batch_size=32, max_steps=1500, lr=1e-3, projector_lr=2e-3, warmup_steps=50, min_lr_ratio=0.01,
-                         save_every=500),
+                         save_every=500, cameras=["static", "wrist"], state=list(DEMO_STATE),
+                         policy_overrides={"image_size": 128, "pool": 1, "visual_positions": True}),
         }  # fmt: skip
         if name not in presets:
             raise ValueError(f"unknown VLA preset {name!r}; choose one of {sorted(presets)}")
