@@ -43,6 +43,9 @@ class DemoConfig:
     vla_preset: str = "demo"
     vla_args: list[str] = field(default_factory=lambda: ["--set", 'features="stream"'])
     eval_episodes: int = 30
+    # Geometry is evaluated at the resolution the demo preset pretrains the heads at (its single 64 px stage):
+    # 128 px frames are resized to 64 px (the AbsRel at 128 px is ~4x worse for these 2-minute heads).
+    perception_max_side: int | None = 64
     videos: int = 1
     threads: int | None = None
     seed: int = 0
@@ -183,7 +186,9 @@ def stage_perception(cfg: DemoConfig, backbone: Path, heldout: Path, figures: Pa
     index = json.loads((heldout / "index.json").read_text())
     sequences = [GeometrySequence.load(heldout / s["file"]) for s in index["sequences"]]
     session = PerceptionSession.from_config(
-        PerceptionConfig(checkpoint=str(backbone), feature_pooling=1, feature_dtype="float32")
+        PerceptionConfig(
+            checkpoint=str(backbone), feature_pooling=1, feature_dtype="float32", max_side=cfg.perception_max_side
+        )
     )
     metrics = evaluate_sequences(session, sequences)
 
