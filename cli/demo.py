@@ -43,6 +43,9 @@ class DemoConfig:
     vla_preset: str = "demo"
     vla_args: list[str] = field(default_factory=lambda: ["--set", 'features="stream"'])
     eval_episodes: int = 30
+    # Control steps per evaluation episode: the scripted expert lifts a block in 23-31 steps, so 60 leaves the
+    # policy twice the expert's time while failures do not run to the environment's default of 100.
+    eval_max_steps: int = 60
     # Geometry is evaluated at the resolution the demo preset pretrains the heads at (its single 64 px stage):
     # 128 px frames are resized to 64 px (the AbsRel at 128 px is ~4x worse for these 2-minute heads).
     perception_max_side: int | None = 64
@@ -215,6 +218,7 @@ def stage_perception(cfg: DemoConfig, backbone: Path, heldout: Path, figures: Pa
 def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: Path) -> dict[str, Any]:
     from omnistream_sim.policies import RosPolicy
     from omnistream_sim.rollout import evaluate_tabletop
+    from omnistream_sim.tabletop import TabletopConfig
 
     _heading("5/6 closed loop through perception_node + vla_node (held-out episodes)")
     results = {}
@@ -226,6 +230,7 @@ def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: P
                 episodes=cfg.eval_episodes,
                 out_dir=root / "eval" / name,
                 tasks=cfg.tasks,
+                config=TabletopConfig(max_steps=cfg.eval_max_steps),
                 videos=cfg.videos if not swap else 0,
                 policy_name=policy.name,
                 swap_instructions=swap,
