@@ -34,8 +34,8 @@ demo: setup
 ## make bench: the benchmarks quoted in the README (JSON under outputs/bench/).
 bench: setup
 	mkdir -p outputs/bench
-	$(VENV)/bin/omnistream bench stream --preset small --resolution 224 --frames 16,32,64,128 --json outputs/bench/stream.json
-	$(VENV)/bin/omnistream bench stream --preset small --resolution 224 --frames 32,128,512 --window 16 --json outputs/bench/stream_window16.json
+	$(VENV)/bin/omnistream bench stream --preset small --resolution 224 --frames 16,32,64,128 --repeats 3 --json outputs/bench/stream.json
+	$(VENV)/bin/omnistream bench stream --preset small --resolution 224 --frames 32,128,512 --window 16 --no-recompute --json outputs/bench/stream_window16.json
 
 clean:
 	rm -rf build outputs/bench
