@@ -65,6 +65,7 @@ class DemoConfig:
             pretrain_args=["--max-steps", "4"],
             vla_args=["--set", 'features="stream"', "--max-steps", "10"],
             eval_episodes=3,
+            eval_max_steps=12,
         )
 
     def key(self, *names: str) -> str:
