@@ -12,7 +12,7 @@ pytest.importorskip("rclpy", reason="rclpy is not installed (make setup)")
 from omnistream_cli.main import main  # noqa: E402
 from omnistream_perception.bench_node import parse_image_size  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.realtime]
 
 
 def test_bench_node_reports_overhead_and_drops_under_a_fast_camera(fixture_a, tmp_path):

@@ -27,7 +27,7 @@ from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy  # no
 from omnistream_vla.stream_features import encode_patch_tokens  # noqa: E402
 from omnistream_vla.vla_node import VLANode  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.realtime]
 INSTRUCTION_QOS = QoSProfile(
     depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
 )

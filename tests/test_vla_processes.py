@@ -22,7 +22,7 @@ from std_msgs.msg import String  # noqa: E402
 
 from omnistream_msgs.msg import EndEffectorAction, StreamFeatures  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.realtime]
 MAX_FEATURE_AGE = 0.5
 CONTROL_RATE = 10.0
 # Scheduling slack on a loaded 2-core machine (two model processes plus the test).
