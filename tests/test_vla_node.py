@@ -170,7 +170,8 @@ def test_actions_at_the_control_rate_then_stop_when_features_go_stale(harness):
     stop, last_moving = sequence[first], next(m for m in reversed(sequence[:first]) if not m.stop)
     assert (stop.translation.x, stop.translation.y, stop.translation.z) == (0.0, 0.0, 0.0)
     assert stop.gripper == last_moving.gripper, "a stop action holds the gripper"
-    assert harness.node.control_stats.to_status("vla_node").level == bytes([1])  # WARN
+    # WARN while features are stale (a message still in flight when publishing stopped may briefly refresh them)
+    assert harness.wait_for(lambda: harness.node.control_stats.to_status("vla_node").level == bytes([1]), 2.0)
     # Fresh features again: motion resumes with a NEW chunk (nothing planned on old features).
     calls = harness.calls
     harness.start_features()
