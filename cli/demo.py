@@ -33,6 +33,13 @@ class DemoConfig:
     out: str = "outputs/demo"
     retrain: bool = False
     tasks: str = "lift"  # three tasks in one scene that differ only by the named block
+    # Blocks in three fixed slots with their colours shuffled per episode (see TabletopConfig.layout): the policy
+    # must still read the instruction and find that colour, but not localise a block anywhere on the table.
+    layout: str = "slots"
+    # Episodes start anywhere across the blocks' row (so the first moves do not give the target away) and the
+    # expert's executed motion is perturbed (DART: the labels stay clean), so demonstrations show recoveries.
+    start_noise: tuple[float, float, float] = (0.05, 0.15, 0.04)
+    action_noise: float = 0.3
     demos: int = 150
     geometry_sequences: int = 40
     geometry_frames: int = 8
@@ -67,6 +74,12 @@ class DemoConfig:
             eval_episodes=3,
             eval_max_steps=12,
         )
+
+    def tabletop(self, **overrides):
+        """The tabletop every stage uses (demonstrations and closed-loop evaluation alike)."""
+        from omnistream_sim.tabletop import TabletopConfig
+
+        return TabletopConfig(layout=self.layout, start_noise=tuple(self.start_noise), **overrides)
 
     def key(self, *names: str) -> str:
         data = {n: getattr(self, n) for n in names}
@@ -121,13 +134,29 @@ def stage_data(cfg: DemoConfig, root: Path) -> tuple[dict[str, Path], bool]:
         "heldout": root / "data" / "heldout",
     }
     key = cfg.key(
-        "tasks", "demos", "geometry_sequences", "geometry_frames", "heldout_sequences", "heldout_frames", "seed"
+        "tasks",
+        "layout",
+        "start_noise",
+        "action_noise",
+        "demos",
+        "geometry_sequences",
+        "geometry_frames",
+        "heldout_sequences",
+        "heldout_frames",
+        "seed",
     )
     if not cfg.retrain and all(_done(p, key) for p in paths.values()):
         print("data: cached")
         return paths, False
     _heading("1/6 data: scripted demonstrations and moving-camera sequences")
-    generate_demonstrations(cfg.demos, seed=cfg.seed, out_dir=_fresh(paths["demos"]), tasks=cfg.tasks)
+    generate_demonstrations(
+        cfg.demos,
+        seed=cfg.seed,
+        out_dir=_fresh(paths["demos"]),
+        tasks=cfg.tasks,
+        config=cfg.tabletop(),
+        action_noise=cfg.action_noise,
+    )
     _finish(paths["demos"], key)
     generate_geometry_sequences(
         cfg.geometry_sequences, cfg.geometry_frames, seed=cfg.seed, out_dir=_fresh(paths["geometry"])
@@ -219,7 +248,6 @@ def stage_perception(cfg: DemoConfig, backbone: Path, heldout: Path, figures: Pa
 def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: Path) -> dict[str, Any]:
     from omnistream_sim.policies import RosPolicy
     from omnistream_sim.rollout import evaluate_tabletop
-    from omnistream_sim.tabletop import TabletopConfig
 
     _heading("5/6 closed loop through perception_node + vla_node (held-out episodes)")
     results = {}
@@ -231,7 +259,7 @@ def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: P
                 episodes=cfg.eval_episodes,
                 out_dir=root / "eval" / name,
                 tasks=cfg.tasks,
-                config=TabletopConfig(max_steps=cfg.eval_max_steps),
+                config=cfg.tabletop(max_steps=cfg.eval_max_steps),
                 videos=cfg.videos if not swap else 0,
                 policy_name=policy.name,
                 swap_instructions=swap,

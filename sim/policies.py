@@ -68,12 +68,25 @@ def state_for_policy(observation: dict, columns: list[int]) -> np.ndarray:
     return np.asarray(observation["state"], dtype=np.float32).reshape(-1)[columns]
 
 
+def policy_backbone_dir(policy_dir: Path, config) -> Path:
+    """The backbone directory a VLA policy directory names (relative paths are inside the policy directory)."""
+    if config.backbone is None:
+        raise ValueError(f"{policy_dir} is a features-only policy: pass the perception backbone explicitly")
+    path = Path(config.backbone)
+    return path if path.is_absolute() else policy_dir / path
+
+
 class VLACheckpointPolicy:
-    """A VLA checkpoint in-process: observation dict -> LeRobot batch -> ``select_action`` (chunk queue inside)."""
+    """A VLA checkpoint in-process: observation dict -> LeRobot batch -> ``select_action`` (chunk queue inside).
+
+    A policy trained on streamed features (``config.features == "stream"``) gets them the way perception_node
+    computes them: one streaming session per camera (the backbone's KV cache over the episode, reset with it).
+    ``backbone`` overrides the backbone directory the policy names (as ``RosPolicy``'s does).
+    """
 
     needs_images = True
 
-    def __init__(self, directory: str | Path, device: str = "cpu"):
+    def __init__(self, directory: str | Path, device: str = "cpu", backbone: str | Path | None = None):
         directory = Path(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"no VLA checkpoint directory at {directory}")
@@ -81,19 +94,35 @@ class VLACheckpointPolicy:
 
         self.model = OmniStreamVLAPolicy.from_pretrained(directory, device=device)
         self.model.eval()
-        self.cameras = tuple(self.model.config.cameras)
-        self.state_columns = state_columns(self.model.config.state_names)
+        config = self.model.config
+        self.cameras = tuple(config.cameras)
+        self.state_columns = state_columns(config.state_names)
         self.name = f"ckpt:{directory.name}"
+        self.sessions: dict[str, Any] = {}
+        if config.features == "stream":
+            from omnistream_perception.perception import PerceptionConfig, PerceptionSession
+
+            checkpoint = Path(backbone) if backbone is not None else policy_backbone_dir(directory, config)
+            settings = PerceptionConfig(**config.perception_settings(str(checkpoint)), device=device)
+            self.sessions = {cam: PerceptionSession.from_config(settings) for cam in self.cameras}
 
     def reset(self) -> None:
         self.model.reset()
+        for session in self.sessions.values():
+            session.reset()
 
     def observation_to_batch(self, observation: dict) -> dict[str, Any]:
         images = observation.get("images") or {}
         missing = [c for c in self.cameras if c not in images]
         if missing:
             raise ValueError(f"the checkpoint wants cameras {list(self.cameras)}; the observation lacks {missing}")
-        batch: dict[str, Any] = {f"observation.images.{c}": np.asarray(images[c])[None] for c in self.cameras}
+        if self.sessions:  # streamed, like perception_node: every frame enters the cache, chunk queued or not
+            batch: dict[str, Any] = {}
+            for cam, session in self.sessions.items():
+                tokens = session.process(np.asarray(images[cam]), want_depth=False, want_pose=False).patch_tokens
+                batch[f"observation.features.{cam}"] = tokens.reshape(1, -1, tokens.shape[-1])
+        else:
+            batch = {f"observation.images.{c}": np.asarray(images[c])[None] for c in self.cameras}
         batch["task"] = [observation["instruction"]]
         if self.state_columns:
             batch["observation.state"] = state_for_policy(observation, self.state_columns)[None]
@@ -170,11 +199,10 @@ class RosPolicy:
         self.cameras = tuple(self.vla_config.cameras)
         self.state_columns = state_columns(self.vla_config.state_names)
         self.rate = 30.0  # control periods per simulated second (only the /clock arithmetic depends on it)
+        settings = self.vla_config.perception_settings(str(self.backbone))
+        settings["camera_token"] = {None: "auto", True: "true", False: "false"}[settings["camera_token"]]  # node param
         self.perception_params = {
-            "checkpoint": str(self.backbone),
-            "max_side": int(self.vla_config.image_size),
-            "feature_pooling": int(self.vla_config.pool),
-            "feature_dtype": "float32",
+            **settings,
             **({"cameras": list(self.cameras)} if len(self.cameras) > 1 else {}),
             **(perception_params or {}),
         }
@@ -197,11 +225,7 @@ class RosPolicy:
         self._action_seconds = 0.0  # /clock tick -> EndEffectorAction received (VLA control step + transport)
 
     def _policy_backbone(self) -> Path:
-        backbone = self.vla_config.backbone
-        if backbone is None:
-            raise ValueError(f"{self.policy_dir} is a features-only policy: pass the perception backbone explicitly")
-        path = Path(backbone)
-        return path if path.is_absolute() else self.policy_dir / path
+        return policy_backbone_dir(self.policy_dir, self.vla_config)
 
     # ----- graph lifecycle -----
     def start(self) -> None:

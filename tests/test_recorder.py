@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from ros_helpers import call_trigger, spin_in_thread, wait_for
 
 from omnistream_vla.recording import BagRecorder, RecordingError, read_episode_events
 
@@ -138,36 +138,6 @@ def test_custom_message_type_definition():
 # ----------------------------------------------------------------------------------------------- live ROS
 
 
-def _spin_in_thread(nodes):
-    from rclpy.executors import MultiThreadedExecutor
-
-    executor = MultiThreadedExecutor(num_threads=4)
-    for node in nodes:
-        executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    return executor, thread
-
-
-def _call(node, client, timeout=10.0):
-    from std_srvs.srv import Trigger
-
-    assert client.wait_for_service(timeout_sec=timeout), f"service {client.srv_name} not available"
-    future = client.call_async(Trigger.Request())
-    deadline = time.monotonic() + timeout
-    while not future.done():
-        assert time.monotonic() < deadline, f"{client.srv_name} did not answer"
-        time.sleep(0.01)
-    return future.result()
-
-
-def _wait(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 @pytest.mark.ros
 def test_live_session_records_and_converts(tmp_path):
     """Real rclpy publishers -> recorder_node -> bag -> LeRobot v3.0: counts, timestamps, tasks, actions match."""
@@ -203,19 +173,19 @@ def test_live_session_records_and_converts(tmp_path):
         start = pub_node.create_client(Trigger, "/recorder/start")
         stop = pub_node.create_client(Trigger, "/recorder/stop")
         success = pub_node.create_client(Trigger, "/recorder/mark_success")
-        executor, thread = _spin_in_thread([recorder, pub_node])
-        _wait(
+        executor, thread = spin_in_thread([recorder, pub_node])
+        wait_for(
             lambda: all(recorder.recorded_subscriptions.get(t) for t in ("/camera/image_raw", "/ee_action")),
             what="recorder subscriptions",
         )
-        _wait(lambda: image_pub.get_subscription_count() and action_pub.get_subscription_count(), what="matching")
+        wait_for(lambda: image_pub.get_subscription_count() and action_pub.get_subscription_count(), what="matching")
 
         published = []  # (episode, stamp_ns, action vector, frame colour)
         tasks = ["pick up the red block", "open the drawer"]
         for episode, task in enumerate(tasks):
             instruction_pub.publish(String(data=task))
-            _wait(lambda task=task: recorder.instruction == task, what="instruction")
-            assert _call(pub_node, start).success
+            wait_for(lambda task=task: recorder.instruction == task, what="instruction")
+            assert call_trigger(start).success
             base = pub_node.get_clock().now().nanoseconds + 20_000_000
             for k in range(frames_per_episode):
                 stamp = base + k * period_ns
@@ -235,10 +205,12 @@ def test_live_session_records_and_converts(tmp_path):
                     (episode, stamp, [0.01 * k, -0.02 * k, 0.001 * episode, 0, 0, 0.1 * k, act.gripper], colour)
                 )
             n_before = len(published)
-            _wait(lambda n=n_before: recorder.recorder.buffered_messages >= 2 * frames_per_episode + 1, what="messages")
+            wait_for(
+                lambda n=n_before: recorder.recorder.buffered_messages >= 2 * frames_per_episode + 1, what="messages"
+            )
             if episode == 0:
-                assert _call(pub_node, success).success
-            reply = _call(pub_node, stop)
+                assert call_trigger(success).success
+            reply = call_trigger(stop)
             assert reply.success, reply.message
         executor.shutdown()
         thread.join(timeout=5)
@@ -298,10 +270,10 @@ def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
         node = Node("seq_publisher")
         pub = node.create_publisher(String, "/seq", 1000)
         start = node.create_client(Trigger, "/recorder/start")
-        executor, thread = _spin_in_thread([node])
+        executor, thread = spin_in_thread([node])
         assert start.wait_for_service(timeout_sec=30), f"recorder_node did not come up: {log_path.read_text()}"
-        _wait(lambda: pub.get_subscription_count() > 0, timeout=20, what="recorder subscription")
-        assert _call(node, start).success
+        wait_for(lambda: pub.get_subscription_count() > 0, timeout=20, what="recorder subscription")
+        assert call_trigger(start).success
         meta_path = out / "killed" / "metadata.yaml"
 
         def chunks() -> int:
@@ -381,25 +353,25 @@ def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
             10,
         )
         start, stop = (node.create_client(Trigger, f"/recorder/{name}") for name in ("start", "stop"))
-        executor, thread = _spin_in_thread([recorder, node])
-        _wait(lambda: recorder.recorded_subscriptions.get("/joint_cmd"), what="subscription")
-        _wait(lambda: pub.get_subscription_count() > 0, what="matching")
-        assert not _call(node, stop).success  # no episode yet: a clear refusal, the node keeps running
+        executor, thread = spin_in_thread([recorder, node])
+        wait_for(lambda: recorder.recorded_subscriptions.get("/joint_cmd"), what="subscription")
+        wait_for(lambda: pub.get_subscription_count() > 0, what="matching")
+        assert not call_trigger(stop).success  # no episode yet: a clear refusal, the node keeps running
         instruction.publish(String(data="wave"))
-        _wait(lambda: recorder.instruction == "wave", what="instruction")
-        assert _call(node, start).success
-        second = _call(node, start)
+        wait_for(lambda: recorder.instruction == "wave", what="instruction")
+        assert call_trigger(start).success
+        second = call_trigger(start)
         assert not second.success and "already running" in second.message
         for k in range(6):
             pub.publish(Float32MultiArray(data=[float(k), 0.5]))
-        _wait(lambda: recorder.recorder.buffered_messages >= 6 + 2, what="messages")
-        reply = _call(node, stop)
+        wait_for(lambda: recorder.recorder.buffered_messages >= 6 + 2, what="messages")
+        reply = call_trigger(stop)
         assert not reply.success and "disk full" in reply.message and "kept for retry" in reply.message
-        _wait(lambda: any("disk full" in e for e in errors), what="diagnostics ERROR")
+        wait_for(lambda: any("disk full" in e for e in errors), what="diagnostics ERROR")
         assert not (tmp_path / "bags" / "full" / "metadata.yaml").exists()
         recorder.set_parameters([Parameter("min_free_mb", value=0.0)])  # space is back
-        _wait(lambda: (tmp_path / "bags" / "full" / "metadata.yaml").exists(), what="retry")
-        _wait(lambda: recorder.recorder.last_error is None, what="recovery")
+        wait_for(lambda: (tmp_path / "bags" / "full" / "metadata.yaml").exists(), what="retry")
+        wait_for(lambda: recorder.recorder.last_error is None, what="recovery")
         executor.shutdown()
         thread.join(timeout=5)
         recorder.destroy_node()
@@ -423,6 +395,7 @@ def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
 def test_sigint_mid_episode_writes_everything(tmp_path):
     """Ctrl-C (SIGINT) mid-episode: the node stops the episode and writes its buffer before exiting."""
     import rclpy
+    from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
     from std_msgs.msg import String
     from std_srvs.srv import Trigger
@@ -441,14 +414,24 @@ def test_sigint_mid_episode_writes_everything(tmp_path):
             node = Node("seq_publisher_sigint")
             pub = node.create_publisher(String, "/seq", 1000)
             start = node.create_client(Trigger, "/recorder/start")
-            executor, thread = _spin_in_thread([node])
+            buffered = []  # the recorder's own count, from its 1 Hz /diagnostics
+            node.create_subscription(
+                DiagnosticArray,
+                "/diagnostics",
+                lambda m: buffered.extend(
+                    int(kv.value) for s in m.status for kv in s.values if kv.key == "buffered_messages"
+                ),
+                10,
+            )
+            executor, thread = spin_in_thread([node])
             assert start.wait_for_service(timeout_sec=30), f"recorder_node did not come up: {log_path.read_text()}"
-            _wait(lambda: pub.get_subscription_count() > 0, timeout=20, what="recorder subscription")
-            assert _call(node, start).success
+            wait_for(lambda: pub.get_subscription_count() > 0, timeout=20, what="recorder subscription")
+            assert call_trigger(start).success
             for k in range(50):
                 pub.publish(String(data=str(k)))
                 time.sleep(0.005)
-            time.sleep(1.0)  # let the last messages arrive
+            # Wait until the recorder holds all 50 (a loaded machine may take seconds), then interrupt it.
+            wait_for(lambda: buffered and buffered[-1] >= 50, timeout=30, what="recorder to buffer all 50")
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=20) == 0, log_path.read_text()
             executor.shutdown()

@@ -12,29 +12,11 @@ import time
 
 import numpy as np
 import pytest
+from ros_helpers import call_trigger, wait_for
 
 FPS = 20
 PERIOD_NS = 1_000_000_000 // FPS
 STEPS = 10
-
-
-def _call(client, timeout=10.0):
-    from std_srvs.srv import Trigger
-
-    assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
-    future = client.call_async(Trigger.Request())
-    deadline = time.monotonic() + timeout
-    while not future.done():
-        assert time.monotonic() < deadline, f"{client.srv_name} did not answer"
-        time.sleep(0.01)
-    return future.result()
-
-
-def _wait(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +60,15 @@ def sim_session(tmp_path_factory):
         executor.add_node(sim)
         thread = threading.Thread(target=executor.spin, daemon=True)
         thread.start()
-        _wait(lambda: all(recorder.recorded_subscriptions.get(t) for t in topics), what="recorder subscriptions")
+        wait_for(lambda: all(recorder.recorded_subscriptions.get(t) for t in topics), what="recorder subscriptions")
         with TabletopEnv(TabletopConfig.debug(max_steps=STEPS)) as env:
             expert = ScriptedExpert(env)
             for episode, (seed, task) in enumerate([(0, None), (1, None)]):
                 obs = env.reset(seed=seed, task=task)
                 expert.reset()
                 instruction_pub.publish(String(data=env.instruction))
-                _wait(lambda env=env: recorder.instruction == env.instruction, what="instruction")
-                assert _call(clients["start"]).success
+                wait_for(lambda env=env: recorder.instruction == env.instruction, what="instruction")
+                assert call_trigger(clients["start"]).success
                 base = sim.get_clock().now().nanoseconds + 20_000_000
                 success = False
                 for k in range(STEPS):
@@ -117,12 +99,12 @@ def sim_session(tmp_path_factory):
                         }
                     )
                     obs, success, _, _ = env.step(action)
-                _wait(
+                wait_for(
                     lambda: recorder.recorder.buffered_messages >= 4 * STEPS + 2, what="messages"
                 )  # + instruction, start
                 if success:
-                    assert _call(clients["mark_success"]).success
-                reply = _call(clients["stop"])
+                    assert call_trigger(clients["mark_success"]).success
+                reply = call_trigger(clients["stop"])
                 assert reply.success, reply.message
         executor.shutdown()
         thread.join(timeout=5)

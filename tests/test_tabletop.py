@@ -23,6 +23,7 @@ from omnistream_sim.tabletop import (  # noqa: E402
     resolve_tasks,
     task_from_instruction,
 )
+from omnistream_sim.tabletop.data import record_expert_episode  # noqa: E402
 from omnistream_sim.tabletop.tasks import LIFT_HEIGHT, PUSH_DISTANCE  # noqa: E402
 
 
@@ -224,3 +225,39 @@ def test_bad_task_names_are_clear_errors(env):
         resolve_tasks("lift,fly_red")
     with pytest.raises(ValueError, match="unknown tabletop task"):
         env.reset(seed=0, task="fly_red")
+
+
+def test_slots_layout_shuffles_colours_over_fixed_slots_and_the_expert_solves_it():
+    config = TabletopConfig.debug(layout="slots")
+    slots = np.asarray(config.slots)
+    orders = set()
+    with TabletopEnv(config) as slot_env:
+        for seed in range(12):
+            scene = slot_env.reset(seed=seed)["scene"].reshape(3, 3)
+            # every block stands within the jitter of a distinct slot
+            d = np.abs(scene[:, None, :2] - slots[None]).max(-1)
+            assert (d.min(1) <= config.slot_jitter + 1e-3).all() and len(set(d.argmin(1))) == 3
+            orders.add(tuple(d.argmin(1)))
+        assert len(orders) > 2, "the colours must be shuffled over the slots"
+        _, success, _ = _run_expert(slot_env, 3, "lift_green")
+        assert success
+    with pytest.raises(ValueError, match="layout"):
+        TabletopConfig(layout="grid")
+
+
+def test_dart_noise_perturbs_the_motion_but_keeps_clean_expert_labels():
+    config = TabletopConfig.debug(layout="slots", start_noise=(0.05, 0.15, 0.04))
+    with TabletopEnv(config) as noisy_env:
+        clean = record_expert_episode(noisy_env, 11, "lift_red")
+        noisy = record_expert_episode(noisy_env, 11, "lift_red", action_noise=0.3)
+        again = record_expert_episode(noisy_env, 11, "lift_red", action_noise=0.3)
+        assert clean.success and noisy.success
+        np.testing.assert_array_equal(noisy.arrays["actions"], again.arrays["actions"])  # seeded noise
+        states = noisy.arrays["state"]
+        assert not np.array_equal(states[: len(clean.arrays["state"])], clean.arrays["state"][: len(states)])
+        # every label is what the expert would command from that very observation (its phase machine replayed)
+        # (the first steps: the arm is still approaching, the blocks stand where reset put them)
+        expert = ScriptedExpert(noisy_env)
+        noisy_env.reset(seed=11, task="lift_red")
+        for t, label in enumerate(noisy.arrays["actions"][:5]):
+            assert np.allclose(expert.select_action({"state": states[t]}), label, atol=1e-6)

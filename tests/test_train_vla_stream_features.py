@@ -47,3 +47,45 @@ def test_streamed_features_equal_the_perception_session_and_carry_history(tmp_pa
     single = cache_features(policy, episodes, ["static"], batch=8, progress=False)["static"]
     assert torch.allclose(streamed[0], single[0], atol=1e-5)  # the first frame has no history
     assert not torch.allclose(streamed[3], single[3], atol=1e-4)  # later frames see the stream's past
+
+
+def test_in_process_evaluation_streams_the_features_the_policy_was_trained_on(tmp_path):
+    """VLACheckpointPolicy of a features="stream" policy feeds it perception_node's streamed features."""
+    from omnistream_sim.policies import VLACheckpointPolicy
+
+    torch.manual_seed(0)
+    model = OmniStreamModel.from_preset("debug")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+    backbone = tmp_path / "backbone"
+    model.save_pretrained(backbone)
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 255, (3, 64, 64, 3), dtype=np.uint8)
+    episode = EpisodeData({"static": frames}, np.zeros((3, 7), np.float32), "lift the red block")
+    config = VLATrainConfig.from_preset(
+        "debug", backbone=str(backbone), features="stream", policy_overrides={"image_size": 64}
+    )
+    stats = {k: np.zeros(7, np.float32) for k in ("min", "max", "mean", "std", "q01", "q99")}
+    policy = build_policy(config, stats, torch.device("cpu"), bounds=(-1.0, 1.0))
+    assert policy.config.features == "stream" and policy.config.camera_token is False  # no heads in the backbone
+    trained_on = stream_features(policy, [episode], ["static"], str(backbone), progress=False)["static"]
+    policy.save_pretrained(tmp_path / "policy")
+
+    evaluated = VLACheckpointPolicy(tmp_path / "policy")
+    seen = []
+    original = evaluated.model.select_action
+
+    def spy(batch):
+        seen.append(torch.as_tensor(batch["observation.features.static"])[0])
+        return original(batch)
+
+    evaluated.model.select_action = spy
+    for _ in range(2):  # the second episode must start a fresh stream
+        evaluated.reset()
+        seen.clear()
+        for frame in frames:
+            evaluated.select_action({"images": {"static": frame}, "instruction": episode.instruction})
+        for t in range(3):
+            torch.testing.assert_close(seen[t], trained_on[t], atol=1e-5, rtol=1e-5)

@@ -226,3 +226,42 @@ def test_bfloat16_llm_trains_and_round_trips_exactly(tmp_path):
     loaded = OmniStreamVLAPolicy.from_pretrained(tmp_path)
     assert loaded.llm.dtype == torch.bfloat16
     assert torch.equal(policy.eval().predict_action_chunk(batch), loaded.predict_action_chunk(batch))
+
+
+def test_instruction_first_puts_the_instruction_before_the_images():
+    policy = _policy(instruction_first=True)
+    feats = _features(1)
+    inputs, _, _ = policy.build_inputs(policy.visual_features({"observation.features.static": feats}), ["lift it"])
+    prompt = policy.processor.encode_instruction("lift it")
+    embed = policy.llm.get_input_embeddings()
+    start = len(prompt.prefix)
+    instruction = embed(torch.tensor(prompt.suffix))
+    torch.testing.assert_close(inputs[0, start : start + len(prompt.suffix)], instruction)
+    recipe = _policy(instruction_first=False)
+    recipe.load_state_dict(policy.state_dict())
+    batch = {"observation.features.static": feats, "task": ["lift it"]}
+    assert not torch.allclose(policy.predict_action_chunk(batch), recipe.predict_action_chunk(batch))
+
+
+def test_auxiliary_target_adds_a_loss_trains_its_head_and_is_not_saved(tmp_path):
+    policy = _policy(target_dims=2).train()
+    batch = {
+        "observation.features.static": _features(3),
+        "task": ["lift the red block"] * 3,
+        "action": torch.zeros(3, policy.config.chunk_size, 7),
+        "observation.target": torch.randn(3, 2),
+    }
+    loss, info = policy(batch)
+    plain, plain_info = policy({k: v for k, v in batch.items() if k != "observation.target"})
+    assert "loss_target" in info and "loss_target" not in plain_info
+    torch.testing.assert_close(loss, plain + policy.config.target_loss_weight * info["loss_target"], atol=1e-5, rtol=0)
+    loss.backward()
+    assert policy.target_head.weight.grad is not None and policy.target_head.weight.grad.abs().sum() > 0
+    assert any(policy.target_head.weight is p for g in policy.parameter_groups() for p in g["params"])
+    with pytest.raises(ValueError, match="observation.target must be"):
+        policy({**batch, "observation.target": torch.zeros(3, 3)})
+    policy.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith("target_head") for k in load_file(str(tmp_path / "policy.safetensors")))
+    OmniStreamVLAPolicy.from_pretrained(tmp_path)  # loads without the training-only head's weights

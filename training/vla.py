@@ -76,6 +76,9 @@ class VLATrainConfig:
     # PerceptionSession code, reset per episode), so a policy deployed behind the node sees the features it
     # was trained on.
     features: str = "frame"
+    # Auxiliary target (OmniStreamVLAConfig.target_dims): regress the xy of the block the instruction names from
+    # the action query (tabletop demonstrations carry it); training-only help for a small LLM to ground language.
+    target: bool = False
     # Robot state input (LeRobot's observation.state): names of the state entries the policy reads, or "all";
     # None = no state (the recipe). Tabletop demonstrations name theirs (omnistream_sim.tabletop.STATE_NAMES).
     state: Any = None
@@ -91,9 +94,12 @@ class VLATrainConfig:
             # make demo's closed loop: both cameras at 128 px with unpooled 16 px patches (the block's few pixels
             # survive), where each token sits in its image (visual_positions), and the robot state (TCP position,
             # gripper opening and command) as one extra token
+            # (the instruction before the images and the named block's position as an auxiliary target: both help
+            # a tiny LLM tie the colour word to the block instead of following the arm's own progress)
             "demo": dict(batch_size=32, max_steps=1500, lr=1e-3, projector_lr=2e-3, warmup_steps=50, min_lr_ratio=0.01,
-                         save_every=500, cameras=["static", "wrist"], state=list(DEMO_STATE),
-                         policy_overrides={"image_size": 128, "pool": 1, "visual_positions": True}),
+                         save_every=500, cameras=["static", "wrist"], state=list(DEMO_STATE), target=True,
+                         policy_overrides={"image_size": 128, "pool": 1, "visual_positions": True,
+                                           "instruction_first": True}),
         }  # fmt: skip
         if name not in presets:
             raise ValueError(f"unknown VLA preset {name!r}; choose one of {sorted(presets)}")
@@ -109,6 +115,7 @@ class EpisodeData:
     actions: np.ndarray  # (T, 7)
     instruction: str
     state: np.ndarray | None = None  # (T, S) robot state, named by the dataset's state names
+    target: np.ndarray | None = None  # (T, 2) xy of the block the instruction names (tabletop demonstrations)
 
 
 def detect_format(root: Path) -> str:
@@ -179,8 +186,16 @@ def _tabletop_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
             if missing:
                 raise ValueError(f"{root / entry['file']} has no camera {missing}")
             state = f["state"].astype(np.float32) if "state" in f.files else None
+            target = None
+            if "scene" in f.files:  # scene = red, green, blue block centres (x, y, z)
+                from omnistream_sim.tabletop.tasks import COLOURS, TASKS
+
+                colour = list(COLOURS).index(TASKS[str(f["task"])].colour)
+                target = f["scene"][:, 3 * colour : 3 * colour + 2].astype(np.float32)
             episodes.append(
-                EpisodeData({c: f[c] for c in cameras}, f["actions"].astype(np.float32), str(f["instruction"]), state)
+                EpisodeData(
+                    {c: f[c] for c in cameras}, f["actions"].astype(np.float32), str(f["instruction"]), state, target
+                )  # fmt: skip
             )
     return episodes
 
@@ -201,6 +216,16 @@ def select_state(config: VLATrainConfig, episodes: list[EpisodeData], kind: str)
         raise ValueError("state input needs demonstrations that carry 'state' (regenerate them)")
     columns = [STATE_NAMES.index(n) for n in names]
     return names, np.concatenate([e.state[:, columns] for e in episodes]).astype(np.float32)
+
+
+def auxiliary_targets(config: VLATrainConfig, episodes: list[EpisodeData]) -> torch.Tensor | None:
+    """(N_frames, 2) standardised targets when ``config.target`` is on (None otherwise)."""
+    if not config.target:
+        return None
+    if any(e.target is None for e in episodes):
+        raise ValueError("target=true needs tabletop demonstrations that carry 'scene' (the block positions)")
+    targets = np.concatenate([e.target for e in episodes])
+    return torch.from_numpy((targets - targets.mean(0)) / (targets.std(0) + 1e-6)).float()
 
 
 def action_chunks(actions: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -267,9 +292,17 @@ def build_policy(
     else:
         backbone = OmniStreamModel.from_preset(config.backbone_preset)
     overrides = dict(config.policy_overrides)
-    overrides.update(vision_hidden_size=backbone.config.hidden_size, cameras=tuple(config.cameras))
+    overrides.update(
+        vision_hidden_size=backbone.config.hidden_size, cameras=tuple(config.cameras), features=config.features
+    )
     if state_names:
         overrides["state_names"] = tuple(state_names)
+    if config.target:
+        overrides["target_dims"] = 2
+    if config.features == "stream" and config.backbone:
+        from omnistream_perception.model.heads import GeometryHeads
+
+        overrides["camera_token"] = GeometryHeads.present(config.backbone)  # as perception_node will stream
     overrides.setdefault("lr", config.lr)
     overrides.setdefault("projector_lr", config.projector_lr)
     overrides.setdefault("grad_clip", config.grad_clip)
@@ -326,14 +359,7 @@ def stream_features(
         raise ValueError("features='stream' needs the backbone as a checkpoint directory (--backbone DIR)")
     # the node's settings for this policy (see omnistream_sim.policies.RosPolicy): resize to the policy's image
     # size, its pooling, float32 tokens, the whole episode in the cache
-    session = PerceptionSession.from_config(
-        PerceptionConfig(
-            checkpoint=str(backbone),
-            max_side=int(policy.config.image_size),
-            feature_pooling=int(policy.config.pool),
-            feature_dtype="float32",
-        )
-    )
+    session = PerceptionSession.from_config(PerceptionConfig(**policy.config.perception_settings(str(backbone))))
     total = sum(len(e.actions) for e in episodes)
     out: dict[str, list[torch.Tensor]] = {cam: [] for cam in cameras}
     bar = tqdm(total=total * len(cameras), desc="streamed features", unit="frame", disable=not progress)
@@ -399,6 +425,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     state_names, states = select_state(config, episodes, kind)
     policy = build_policy(config, stats, ctx.device, resolve_bounds(config, kind), state_names, states)
     states_t = torch.from_numpy(states) if states is not None else None
+    targets_t = auxiliary_targets(config, episodes)
     chunk = policy.config.chunk_size
     show = progress and ctx.is_main
     if config.features == "stream":
@@ -459,6 +486,8 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
         )
         if states_t is not None:
             batch["observation.state"] = states_t[idx].to(ctx.device)
+        if targets_t is not None:
+            batch["observation.target"] = targets_t[idx].to(ctx.device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss, info = policy(batch)

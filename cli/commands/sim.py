@@ -6,6 +6,7 @@ import argparse
 import importlib
 
 ENVS = ("tabletop", "calvin", "simpler")
+LAYOUTS = ("random", "slots")  # omnistream_sim.tabletop.TabletopConfig.layout
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--swap-instructions", action="store_true", help="tabletop: show another task's instruction")
     p.add_argument("--image-size", type=int, default=None, help="tabletop static camera size (default 128)")
     p.add_argument("--max-steps", type=int, default=None, help="tabletop control steps per episode (default 100)")
+    p.add_argument("--layout", choices=LAYOUTS, default=None, help="tabletop block layout (default random)")
     p.add_argument("--chains", type=int, default=None, help="CALVIN: number of evaluation chains (default 1000)")
     p.add_argument("--shard", default=None, help="i/n: run the i-th of n shards (0-based), merge them afterwards")
     p.add_argument("--calvin-env-root", default=None, help="CALVIN: a calvin_env checkout (or $CALVIN_ENV_ROOT)")
@@ -48,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--episodes", type=int, default=100, help="number of successful demonstrations (default 100)")
     d.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     d.add_argument("--tasks", default="all", help="task set or comma list (default all)")
+    d.add_argument(
+        "--layout", choices=LAYOUTS, default="random", help="random blocks, or colours shuffled over 3 slots"
+    )
     d.add_argument("--out", required=True, help="output directory")
     d.set_defaults(handler=_demos)
 
@@ -120,7 +125,7 @@ def _eval_tabletop(args: argparse.Namespace) -> int:
         raise UserError(f"shard {args.shard} of {args.episodes} episodes is empty")
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
-    overrides = {"image_size": args.image_size, "max_steps": args.max_steps}
+    overrides = {"image_size": args.image_size, "max_steps": args.max_steps, "layout": args.layout}
     config = TabletopConfig(**{k: v for k, v in overrides.items() if v is not None})
     try:
         policy = make_policy(args.policy, seed=seed, env_name="tabletop", device=args.device, timeout=args.timeout,
@@ -185,10 +190,12 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _demos(args: argparse.Namespace) -> int:
     from omnistream_cli.main import UserError
-    from omnistream_sim.tabletop import generate_demonstrations
+    from omnistream_sim.tabletop import TabletopConfig, generate_demonstrations
 
     try:
-        episodes = generate_demonstrations(args.episodes, seed=args.seed, out_dir=args.out, tasks=args.tasks)
+        episodes = generate_demonstrations(
+            args.episodes, seed=args.seed, out_dir=args.out, tasks=args.tasks, config=TabletopConfig(layout=args.layout)
+        )
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(f"{len(episodes)} demonstrations ({sum(len(e) for e in episodes)} steps) -> {args.out}")

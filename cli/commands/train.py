@@ -115,6 +115,11 @@ def _threads(args) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
+def _common_overrides(args: argparse.Namespace) -> dict:
+    """The flags every training command has (None = the preset's value)."""
+    return dict(max_steps=args.max_steps, lr=args.lr, seed=args.seed, save_every=args.save_every)
+
+
 def _report(result: dict, out: str) -> None:
     final = result.get("final") or {}
     print(
@@ -131,10 +136,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from omnistream_train.pretrain import run_pretraining
 
     overrides = dict(
-        max_steps=args.max_steps,
-        lr=args.lr,
-        seed=args.seed,
-        save_every=args.save_every,
+        **_common_overrides(args),
         backbone=args.backbone,
         init_dinov3=args.init_dinov3,
         geometry_data=args.geometry,
@@ -176,10 +178,7 @@ def _heads(args: argparse.Namespace) -> int:
 
     out = args.out or str(Path(args.checkpoint) / "heads_training")
     overrides = dict(
-        max_steps=args.max_steps,
-        lr=args.lr,
-        seed=args.seed,
-        save_every=args.save_every,
+        **_common_overrides(args),
         geometry_data=args.geometry,
         clip_frames=args.clip_frames,
     )
@@ -204,10 +203,7 @@ def _vla(args: argparse.Namespace) -> int:
     from omnistream_train.vla import VLATrainConfig, run_vla_training
 
     overrides = dict(
-        max_steps=args.max_steps,
-        lr=args.lr,
-        seed=args.seed,
-        save_every=args.save_every,
+        **_common_overrides(args),
         backbone=args.backbone,
         batch_size=args.batch_size,
         epochs=args.epochs,

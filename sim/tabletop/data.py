@@ -82,17 +82,27 @@ class GeometrySequence:
             return cls(f["rgb"], f["depth"], f["intrinsics"], f["cam_to_world"], int(f["seed"]))
 
 
-def record_expert_episode(env: TabletopEnv, seed: int, task: str) -> Episode:
-    """Run the scripted expert for one episode and keep every (observation, action) pair."""
+def record_expert_episode(env: TabletopEnv, seed: int, task: str, action_noise: float = 0.0) -> Episode:
+    """Run the scripted expert for one episode and keep every (observation, action) pair.
+
+    ``action_noise`` > 0 injects noise into the *executed* motion (Gaussian, that standard deviation in action
+    units on dx, dy, dz) while the recorded label stays the expert's clean action (DART-style): the closed-loop
+    expert then shows how to recover from the small drifts a learned policy makes, which clean demonstrations
+    never visit.
+    """
     expert = ScriptedExpert(env)
     obs = env.reset(seed=seed, task=task)
     expert.reset()
+    rng = np.random.default_rng([seed, 7])
     frames: dict[str, list] = {}
     success = False
     for _ in range(env.config.max_steps):
         action = expert.select_action(obs)
         _append(frames, obs, action)
-        obs, success, done, _ = env.step(action)
+        executed = action.copy()
+        if action_noise > 0:
+            executed[:3] = np.clip(executed[:3] + rng.normal(0.0, action_noise, 3), -1.0, 1.0)
+        obs, success, done, _ = env.step(executed)
         if done:
             break
     arrays = {k: np.stack(v) for k, v in frames.items()}
@@ -121,8 +131,10 @@ def generate_demonstrations(
     config: TabletopConfig | None = None,
     tasks: str | tuple[str, ...] = "all",
     progress: bool = True,
+    action_noise: float = 0.0,
 ) -> list[Episode]:
-    """``n`` successful expert episodes, tasks cycling through ``tasks``; saved under ``out_dir`` when given."""
+    """``n`` successful expert episodes, tasks cycling through ``tasks``; saved under ``out_dir`` when given
+    (``action_noise``: see :func:`record_expert_episode`)."""
     from tqdm import tqdm
 
     if n < 1:
@@ -138,7 +150,7 @@ def generate_demonstrations(
     with TabletopEnv(config) as env, tqdm(total=n, desc="demonstrations", unit="ep", disable=not progress) as bar:
         while len(episodes) < n:
             task = task_names[len(episodes) % len(task_names)]
-            episode = record_expert_episode(env, next_seed, task)
+            episode = record_expert_episode(env, next_seed, task, action_noise)
             next_seed += 1
             if not episode.success:
                 if next_seed - seed > 2 * n + 20:
@@ -152,7 +164,8 @@ def generate_demonstrations(
             episodes.append(episode)
             bar.update(1)
     if out is not None:
-        (out / "index.json").write_text(json.dumps({"config": asdict(config), "episodes": index}, indent=1) + "\n")
+        meta = {"config": asdict(config), "action_noise": action_noise, "episodes": index}
+        (out / "index.json").write_text(json.dumps(meta, indent=1) + "\n")
     return episodes
 
 

@@ -76,7 +76,18 @@ class TabletopConfig:
     # landing the fingers on a neighbour; the expert's PUSH_OFFSET is 0.085.
     push_side_offset: float = 0.085
     push_side_clearance: float = 0.075
-    start_noise: float = 0.03  # metres of random TCP offset at reset, so demonstrations vary
+    # "random": each block anywhere in the workspace (the policy must localise it); "slots": the blocks stand in
+    # three fixed slots (each jittered by up to ``slot_jitter``), their colours shuffled per episode, so the
+    # instruction still decides which slot to go to (make demo's 2-core setting: a few minutes of training
+    # learn "which slot holds the named colour" far sooner than continuous localisation).
+    layout: str = "random"
+    slots: tuple[tuple[float, float], ...] = ((0.52, -0.13), (0.52, 0.0), (0.52, 0.13))
+    slot_jitter: float = 0.015
+    # Metres of random TCP offset at reset (one value, or x, y, z), so no two episodes start alike. A wide y spread
+    # matters for learning: when every episode starts in the middle, the first few centimetres of motion already
+    # tell a policy which block it is heading for, and it can fit the demonstrations without reading the
+    # instruction (then, in closed loop, it drifts to whichever block it happens to face).
+    start_noise: float | tuple[float, float, float] = 0.03
     paraphrase: bool = False  # draw one of several instruction templates per episode
     static_eye: tuple[float, float, float] = (0.95, 0.0, 0.55)
     static_target: tuple[float, float, float] = (0.45, 0.0, 0.1)
@@ -87,6 +98,12 @@ class TabletopConfig:
     def debug(cls, **overrides) -> TabletopConfig:
         """Tiny images and short episodes for tests."""
         return replace(cls(image_size=64, wrist_image_size=48), **overrides)
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("random", "slots"):
+            raise ValueError(f"layout must be 'random' or 'slots', got {self.layout!r}")
+        if self.layout == "slots" and len(self.slots) != len(COLOURS):
+            raise ValueError(f"layout 'slots' needs {len(COLOURS)} slots (one per block), got {len(self.slots)}")
 
     @property
     def substeps(self) -> int:
@@ -272,7 +289,7 @@ class TabletopEnv:
         self._down_euler = np.array(p.getEulerFromQuaternion(p.getLinkState(self.robot, TCP_LINK)[5]))
         # Move the TCP to a seeded start point near home, so no two demonstrations start identically.
         home = np.array(p.getLinkState(self.robot, TCP_LINK, computeForwardKinematics=True)[4])
-        start = home + rng.uniform(-1, 1, 3) * self.config.start_noise
+        start = home + rng.uniform(-1, 1, 3) * np.asarray(self.config.start_noise, dtype=np.float64)
         q = self._ik(start, self._down_euler)
         for j, qj in zip(ARM_JOINTS, q):
             p.resetJointState(self.robot, j, qj)
@@ -286,6 +303,9 @@ class TabletopEnv:
 
     def _sample_layout(self, rng: np.random.Generator) -> list[np.ndarray]:
         cfg = self.config
+        if cfg.layout == "slots":
+            slots = np.asarray(cfg.slots, dtype=np.float64)[rng.permutation(len(self.blocks))]
+            return list(slots + rng.uniform(-cfg.slot_jitter, cfg.slot_jitter, slots.shape))
         for _ in range(1000):
             xy = np.stack(
                 [

@@ -8,13 +8,12 @@ random frames, so the ratio is like for like. Memory counts the weights, the cac
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from .bench_report import device_label, write_json_report
 from .memory import measure_peak, resident_bytes
 from .model import OmniStreamModel
 from .model.streaming import as_dtype
@@ -198,9 +197,7 @@ def run_stream_benchmark(args) -> int:
         )
     console.print(table)
     report = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "preset": preset,
         "resolution": args.resolution,
         "dtype": args.dtype,
@@ -208,9 +205,5 @@ def run_stream_benchmark(args) -> int:
         "sink": args.sink,
         "results": results,
     }
-    if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"wrote {path}")
+    write_json_report(report, args.json_path, console)
     return 0

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import tempfile
 import threading
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .bench_report import write_json_report
 
 OVERHEAD_BUDGET_MS = 10.0  # the bound on node overhead per frame at 640x480
 
@@ -423,11 +424,7 @@ def run_node_benchmark(args) -> int:
             raise UserError(str(exc)) from exc
     report["checkpoint"] = label
     _print_tables(console, report)
-    if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"wrote {path}")
+    write_json_report(report, args.json_path, console)
     return 0
 
 

@@ -30,13 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Path
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -48,6 +46,7 @@ from omnistream_msgs.msg import StreamFeatures
 
 from .diagnostics import DiagnosticsPublisher, StreamStats
 from .model.geometry import matrix_to_quaternion
+from .node_main import run_node
 from .ros_image import (
     camera_info_from_intrinsics,
     compressed_to_rgb,
@@ -463,23 +462,7 @@ class PerceptionNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = PerceptionNode()
-        executor = MultiThreadedExecutor()
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, OSError) as exc:  # bad parameters or checkpoint (missing, hub unreachable): exit 2
-        rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(PerceptionNode, NODE_NAME, args)
 
 
 if __name__ == "__main__":

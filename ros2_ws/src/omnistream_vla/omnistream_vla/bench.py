@@ -11,12 +11,13 @@ Measured on random weights of the preset's real shapes (no download) or on a pol
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from omnistream_perception.bench_report import device_label, write_json_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -153,17 +154,11 @@ def run_vla_benchmark(args) -> int:
         table.add_row(key, "-" if value is None else str(value))
     console.print(table)
     report = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_label(device),
         "policy": label,
         "dtype": args.dtype,
         "images": bool(args.images),
         "results": result,
     }
-    if args.json_path:
-        path = Path(args.json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"wrote {path}")
+    write_json_report(report, args.json_path, console)
     return 0

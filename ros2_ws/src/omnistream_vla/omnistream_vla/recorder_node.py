@@ -28,15 +28,15 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
+
+from omnistream_perception.node_main import run_node
 
 from .recording import BagRecorder, RecordingError
 
@@ -287,23 +287,10 @@ class RecorderNode(Node):
             self.get_logger().error(f"could not write the last chunk at shutdown: {exc}")
 
 
-def main(args=None) -> None:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = RecorderNode()
-        executor = MultiThreadedExecutor(num_threads=3)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.try_shutdown()
+def main(args: list[str] | None = None) -> int:
+    # A clean exit (Ctrl-C included) stops a running episode and writes the buffer: nothing recorded is lost.
+    return run_node(RecorderNode, "recorder", args, num_threads=3, on_exit=RecorderNode.shutdown)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

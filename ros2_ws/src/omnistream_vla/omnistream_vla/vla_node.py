@@ -42,12 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
@@ -56,6 +54,7 @@ from std_srvs.srv import Trigger
 
 from omnistream_msgs.msg import EndEffectorAction, StreamFeatures
 from omnistream_perception.diagnostics import DiagnosticsPublisher
+from omnistream_perception.node_main import run_node
 
 from .stream_features import decode_patch_tokens
 
@@ -364,23 +363,7 @@ class VLANode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = VLANode()
-        executor = MultiThreadedExecutor(num_threads=3)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, FileNotFoundError) as exc:  # bad parameters or policy: one clear line, exit 2
-        rclpy.logging.get_logger(NODE_NAME).fatal(str(exc))
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(VLANode, NODE_NAME, args, num_threads=3)
 
 
 if __name__ == "__main__":

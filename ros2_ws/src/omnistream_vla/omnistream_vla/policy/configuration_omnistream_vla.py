@@ -57,6 +57,13 @@ class OmniStreamVLAConfig:
     image_size: int = 224  # images are resized to image_size x image_size before the backbone
     patch_size: int = 16
     pool: int = 2  # patch tokens are average-pooled pool x pool per frame before the projector
+    # How the features the policy was trained on were computed: "frame" (each image alone: the recipe) or "stream"
+    # (each episode through the backbone's KV cache, as perception_node computes them). In-process evaluation
+    # (omnistream_sim.policies.VLACheckpointPolicy) computes them the same way.
+    features: str = "frame"
+    # Streamed features depend on whether the camera token was in the sequence (it is whenever the perception
+    # checkpoint has geometry heads); recorded at training time so evaluation streams the same way.
+    camera_token: bool | None = None
     cameras: tuple[str, ...] = ("static",)  # one camera per entry, visual tokens concatenated in this order
 
     # --- robot state (optional, LeRobot's ``observation.state``) ------------------------------------------------
@@ -82,6 +89,9 @@ class OmniStreamVLAConfig:
 
     # --- prompt (recipe) --------------------------------------------------------------------------------------
     system_prompt: str = "You are a helpful assistant."
+    # False (the recipe): [images | instruction | query]. True: [instruction | images | query], so that in a causal
+    # LLM every visual token already sees the instruction (a small LLM grounds "the red block" far sooner).
+    instruction_first: bool = False
     prompt_template: str = "What action should the robotic arm take to {instruction}?"
 
     # --- projector and action head ----------------------------------------------------------------------------
@@ -96,6 +106,12 @@ class OmniStreamVLAConfig:
     # --- loss -------------------------------------------------------------------------------------------------
     huber_delta: float = 1.0
     gripper_loss_weight: float = 0.01
+    # Optional auxiliary training target (``observation.target``, e.g. where the object the instruction names is,
+    # from a simulator): a linear head on the action query's hidden state regresses it (MSE x target_loss_weight).
+    # Training-only supervision, not saved with the policy and unused when acting: without it a small LLM fits
+    # demonstrations from the arm's own progress and never learns which object the words name.
+    target_dims: int = 0
+    target_loss_weight: float = 1.0
 
     # --- normalisation of the arm dims (statistics saved with the policy) --------------------------------------
     normalization_mode: str = "min_max"  # identity | min_max | mean_std | quantiles (q01/q99)
@@ -117,6 +133,8 @@ class OmniStreamVLAConfig:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if self.n_action_steps is not None and not 1 <= self.n_action_steps <= self.chunk_size:
             raise ValueError(f"n_action_steps must be in [1, chunk_size={self.chunk_size}], got {self.n_action_steps}")
+        if self.features not in ("frame", "stream"):
+            raise ValueError(f"features must be 'frame' or 'stream', got {self.features!r}")
         if self.pool < 1:
             raise ValueError(f"pool must be >= 1, got {self.pool}")
         if self.image_size % self.patch_size:
@@ -131,6 +149,13 @@ class OmniStreamVLAConfig:
             raise ValueError("prompt_template must contain '{instruction}'")
         if self.max_instruction_tokens < 1:
             raise ValueError("max_instruction_tokens must be >= 1")
+
+    def perception_settings(self, checkpoint: str) -> dict[str, Any]:
+        """The perception node's settings that compute this policy's features from ``checkpoint``: frames
+        resized to ``image_size``, the policy's pooling, float32 tokens (``PerceptionConfig`` fields; the same
+        dict configures perception_node, the in-process streaming evaluation and streamed training features)."""
+        return {"checkpoint": str(checkpoint), "max_side": int(self.image_size), "feature_pooling": int(self.pool),
+                "feature_dtype": "float32", "camera_token": self.camera_token}  # fmt: skip
 
     @property
     def action_dims(self) -> int:

@@ -190,6 +190,7 @@ class OmniStreamVLAPolicy(nn.Module):
         self.action_head = ActionHead(config, llm_hidden)
         self.state_encoder = StateEncoder(config.state_dims, llm_hidden) if config.state_dims else None
         self.visual_positions = VisualPositions(len(config.cameras), llm_hidden) if config.visual_positions else None
+        self.target_head = nn.Linear(llm_hidden, config.target_dims) if config.target_dims else None  # training only
         self.normalizer = normalizer or ActionNormalizer.identity(config.arm_dims)
         if backbone is not None:
             self.set_backbone(backbone)
@@ -314,7 +315,8 @@ class OmniStreamVLAPolicy(nn.Module):
         for extra in (self.state_encoder, self.visual_positions):  # projectors too (-> LLM width): their rate
             if extra is not None:
                 projector += [p for p in extra.parameters() if p.requires_grad]
-        rest = [p for m in (self.llm, self.action_head) for p in m.parameters() if p.requires_grad]
+        heads = [m for m in (self.llm, self.action_head, self.target_head) if m is not None]
+        rest = [p for m in heads for p in m.parameters() if p.requires_grad]
         rest.append(self.action_query)
         return [
             {"params": projector, "lr": self.config.projector_lr, "name": "projector"},
@@ -389,7 +391,9 @@ class OmniStreamVLAPolicy(nn.Module):
     def build_inputs(
         self, visual: list[torch.Tensor], instructions: list[str], state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[prefix | cam0 | sep | cam1 ... | suffix(instruction) | (state) | action query], LEFT-padded.
+        """[prefix | cam0 | sep | cam1 ... | suffix(instruction) | (state) | action query], LEFT-padded
+        ([prefix | suffix(instruction) | cam0 | sep | cam1 ... | (state) | action query] with
+        ``config.instruction_first``).
 
         Position ids come from the attention mask (first real token = 0), so every real token, the action
         query included, sees exactly what it would see alone: the action does not depend on padding.
@@ -415,12 +419,14 @@ class OmniStreamVLAPolicy(nn.Module):
         separator = ids_embedding(prompts[0].camera_separator) if len(projected) > 1 else None
         sequences = []
         for i, prompt in enumerate(prompts):
-            parts = [prefix]
+            instruction = ids_embedding(prompt.suffix)
+            parts = [prefix, instruction] if self.config.instruction_first else [prefix]
             for c, cam_tokens in enumerate(projected):
                 if c:
                     parts.append(separator)
                 parts.append(cam_tokens[i])
-            parts.append(ids_embedding(prompt.suffix))
+            if not self.config.instruction_first:
+                parts.append(instruction)
             if state_tokens is not None:
                 parts.append(state_tokens[i : i + 1])
             parts.append(query)
@@ -470,10 +476,12 @@ class OmniStreamVLAPolicy(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # LeRobot's policy interface
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Training loss: Huber(delta) on the normalised arm dims + gripper_loss_weight x BCE on the gripper."""
+        """Training loss: Huber(delta) on the normalised arm dims + gripper_loss_weight x BCE on the gripper
+        (+ target_loss_weight x MSE of the auxiliary target when the batch has ``observation.target``)."""
         if "action" not in batch:
             raise ValueError("a training batch needs 'action' (B, chunk_size, 7) in the dataset's units")
-        arm_pred, gripper_logits = self.predict_normalized(batch)
+        hidden = self.query_hidden_state(batch)
+        arm_pred, gripper_logits = self.action_head(hidden)
         action = torch.as_tensor(batch["action"]).to(arm_pred.device, torch.float32)
         expected = (arm_pred.shape[0], self.config.chunk_size, self.config.action_dims)
         if tuple(action.shape) != expected:
@@ -496,6 +504,16 @@ class OmniStreamVLAPolicy(nn.Module):
             "loss_gripper": float(gripper_loss.detach()),
             "gripper_accuracy": float(accuracy.detach()),
         }
+        if self.target_head is not None and batch.get("observation.target") is not None:
+            target_value = torch.as_tensor(batch["observation.target"]).to(hidden.device, torch.float32)
+            if tuple(target_value.shape) != (hidden.shape[0], self.config.target_dims):
+                raise ValueError(
+                    f"observation.target must be ({hidden.shape[0]}, {self.config.target_dims}), "
+                    f"got {tuple(target_value.shape)}"
+                )
+            target_loss = F.mse_loss(self.target_head(hidden), target_value)
+            loss = loss + self.config.target_loss_weight * target_loss
+            info["loss_target"] = float(target_loss.detach())
         return loss, info
 
     @torch.no_grad()
