@@ -15,9 +15,8 @@ import yaml
 
 rclpy = pytest.importorskip("rclpy", reason="rclpy is not installed (make setup)")
 
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from ros_helpers import spin_in_thread, wait_for  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
-from test_perception_node import wait_for  # noqa: E402
 
 from omnistream_msgs.msg import StreamFeatures  # noqa: E402
 from omnistream_perception.bringup import REPO_ROOT, create_nodes, default_launch_file, load_launch_file  # noqa: E402
@@ -36,15 +35,6 @@ def ros_context():
     rclpy.init(context=context)
     yield context
     rclpy.try_shutdown(context=context)
-
-
-def _spin(nodes, context):
-    executor = MultiThreadedExecutor(context=context)
-    for node in nodes:
-        executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    return executor, thread
 
 
 def _image(sec: int) -> Image:
@@ -98,7 +88,7 @@ def test_perception_launch_runs_in_one_process_with_its_params(ros_context, fixt
     assert node.get_parameter("points_stride").value == 3  # from the override
     assert node.get_parameter("world_frame_id").value == "omnistream_world"  # from the launch file's YAML
     tester = rclpy.create_node("bringup_tester", context=ros_context)
-    executor, thread = _spin([node, tester], ros_context)
+    executor, thread = spin_in_thread([node, tester], context=ros_context, num_threads=None)
     try:
         features: list = []
         tester.create_subscription(StreamFeatures, "/perception_node/features", features.append, 10)
@@ -137,7 +127,7 @@ def test_omnistream_launch_runs_perception_and_vla_in_one_process(ros_context, f
         overrides={"perception_node": {"checkpoint": str(fixture_a)}, "vla_node": {"policy": str(policy_dir)}},
     )
     tester = rclpy.create_node("bringup_vla_tester", context=ros_context)
-    executor, thread = _spin([*nodes, tester], ros_context)
+    executor, thread = spin_in_thread([*nodes, tester], context=ros_context, num_threads=None)
     try:
         actions: list = []
         tester.create_subscription(EndEffectorAction, "/vla_node/action", actions.append, 10)

@@ -7,12 +7,11 @@ through real rclpy publishers; recorder_node records them in episodes started/st
 from __future__ import annotations
 
 import importlib.util
-import threading
 import time
 
 import numpy as np
 import pytest
-from ros_helpers import call_trigger, wait_for
+from ros_helpers import call_trigger, spin_in_thread, wait_for
 
 FPS = 20
 PERIOD_NS = 1_000_000_000 // FPS
@@ -23,7 +22,6 @@ STEPS = 10
 def sim_session(tmp_path_factory):
     """Two tabletop episodes published live and recorded; returns (bag, what was published per frame)."""
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.node import Node
     from rclpy.parameter import Parameter
     from rclpy.time import Time
@@ -55,11 +53,7 @@ def sim_session(tmp_path_factory):
         action_pub = sim.create_publisher(EndEffectorAction, "/ee_action", 50)
         instruction_pub = sim.create_publisher(String, "/instruction", 10)
         clients = {n: sim.create_client(Trigger, f"/recorder/{n}") for n in ("start", "stop", "mark_success")}
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(recorder)
-        executor.add_node(sim)
-        thread = threading.Thread(target=executor.spin, daemon=True)
-        thread.start()
+        executor, thread = spin_in_thread([recorder, sim])
         wait_for(lambda: all(recorder.recorded_subscriptions.get(t) for t in topics), what="recorder subscriptions")
         with TabletopEnv(TabletopConfig.debug(max_steps=STEPS)) as env:
             expert = ScriptedExpert(env)

@@ -7,7 +7,6 @@ and vla_node reading the state BY NAME from sensor_msgs/JointState (actions with
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
@@ -115,9 +114,9 @@ def test_checkpoint_adapter_picks_the_policy_state_by_name(tmp_path):
 @pytest.mark.ros
 def test_vla_node_reads_the_state_by_name_from_joint_states():
     rclpy = pytest.importorskip("rclpy")
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
     from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+    from ros_helpers import spin_in_thread
     from sensor_msgs.msg import JointState
     from std_msgs.msg import String
 
@@ -148,11 +147,7 @@ def test_vla_node_reads_the_state_by_name_from_joint_states():
     joints = helper.create_publisher(JointState, "joint_states", 10)
     latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     helper.create_publisher(String, "instruction", latched).publish(String(data="lift the red block"))
-    executor = MultiThreadedExecutor(num_threads=3, context=context)
-    executor.add_node(node)
-    executor.add_node(helper)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
+    executor, thread = spin_in_thread([node, helper], context=context, num_threads=3)
 
     def wait_for(predicate, timeout=10.0):
         end = time.monotonic() + timeout
