@@ -104,7 +104,11 @@ class VLACheckpointPolicy:
 
             checkpoint = Path(backbone) if backbone is not None else policy_backbone_dir(directory, config)
             settings = PerceptionConfig(**config.perception_settings(str(checkpoint)), device=device)
-            self.sessions = {cam: PerceptionSession.from_config(settings) for cam in self.cameras}
+            first = PerceptionSession.from_config(settings)  # loads the backbone (and heads) once
+            self.sessions = {
+                cam: first if i == 0 else PerceptionSession(first.model, first.heads, settings)
+                for i, cam in enumerate(self.cameras)
+            }  # one stream (KV cache) per camera, one model, as perception_node does
 
     def reset(self) -> None:
         self.model.reset()
@@ -199,8 +203,11 @@ class RosPolicy:
         self.cameras = tuple(self.vla_config.cameras)
         self.state_columns = state_columns(self.vla_config.state_names)
         self.rate = 30.0  # control periods per simulated second (only the /clock arithmetic depends on it)
+        from omnistream_perception.perception import CAMERA_TOKEN_CHOICES
+
         settings = self.vla_config.perception_settings(str(self.backbone))
-        settings["camera_token"] = {None: "auto", True: "true", False: "false"}[settings["camera_token"]]  # node param
+        as_param = {value: text for text, value in CAMERA_TOKEN_CHOICES.items()}
+        settings["camera_token"] = as_param[settings["camera_token"]]  # the node's string parameter
         self.perception_params = {
             **settings,
             **({"cameras": list(self.cameras)} if len(self.cameras) > 1 else {}),

@@ -177,6 +177,8 @@ def _calvin_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
 
 
 def _tabletop_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
+    from omnistream_sim.tabletop.tasks import COLOURS, TASKS
+
     index = json.loads((root / "index.json").read_text())
     if "episodes" not in index:
         raise ValueError(f"{root}/index.json lists no 'episodes' (geometry sequences are not demonstrations)")
@@ -189,8 +191,6 @@ def _tabletop_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
             state = f["state"].astype(np.float32) if "state" in f.files else None
             target = None
             if "scene" in f.files:  # scene = red, green, blue block centres (x, y, z)
-                from omnistream_sim.tabletop.tasks import COLOURS, TASKS
-
                 colour = list(COLOURS).index(TASKS[str(f["task"])].colour)
                 target = f["scene"][:, 3 * colour : 3 * colour + 2].astype(np.float32)
             episodes.append(

@@ -24,6 +24,9 @@ from .model.modeling_omnistream import WEIGHTS_NAME, resolve_pretrained_dir
 from .model.streaming import as_dtype
 from .processor import OmniStreamImageProcessor, pool_patch_tokens
 
+# The camera_token setting as a string (ROS parameter, launch files) -> PerceptionConfig.camera_token.
+CAMERA_TOKEN_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}
+
 
 @dataclass
 class PerceptionConfig:

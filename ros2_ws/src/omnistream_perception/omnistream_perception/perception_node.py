@@ -47,6 +47,7 @@ from omnistream_msgs.msg import StreamFeatures
 from .diagnostics import DiagnosticsPublisher, StreamStats
 from .model.geometry import matrix_to_quaternion
 from .node_main import run_node
+from .perception import CAMERA_TOKEN_CHOICES
 from .ros_image import (
     camera_info_from_intrinsics,
     compressed_to_rgb,
@@ -129,7 +130,7 @@ def validate_parameter(name: str, value: Any) -> str | None:
         return f"feature_dtype must be float16 or float32, got {value!r}"
     if name == "image_reliability" and value not in ("best_effort", "reliable"):
         return f"image_reliability must be best_effort or reliable, got {value!r}"
-    if name == "camera_token" and value not in ("auto", "true", "false"):
+    if name == "camera_token" and value not in CAMERA_TOKEN_CHOICES:
         return f"camera_token must be auto, true or false, got {value!r}"
     if name == "max_side" and value != 0 and value < 16:
         return f"max_side must be 0 (input size) or >= 16, got {value}"
@@ -249,7 +250,7 @@ class PerceptionNode(Node):
         from .model.modeling_omnistream import WEIGHTS_NAME, resolve_pretrained_dir
         from .perception import PerceptionConfig, PerceptionSession
 
-        camera_token = {"auto": None, "true": True, "false": False}[self._param("camera_token")]
+        camera_token = CAMERA_TOKEN_CHOICES[self._param("camera_token")]
         config = PerceptionConfig(
             checkpoint=self._param("checkpoint"),
             device=self._param("device"),

@@ -35,9 +35,9 @@ class OmniStreamImageProcessor:
         self, rgb: np.ndarray | torch.Tensor, device: str | torch.device = "cpu", dtype=torch.float32
     ) -> torch.Tensor:
         """One HxWx3 uint8 RGB image (or a batch NxHxWx3) -> (N, 3, H', W') normalised, on ``device``."""
+        image = rgb
         if isinstance(rgb, np.ndarray):  # a read-only array (e.g. a ROS message buffer) is copied, not aliased
-            rgb = np.array(rgb, copy=True) if not rgb.flags.writeable else np.ascontiguousarray(rgb)
-        image = torch.as_tensor(rgb) if isinstance(rgb, np.ndarray) else rgb
+            image = torch.as_tensor(np.ascontiguousarray(rgb) if rgb.flags.writeable else np.array(rgb))
         if image.ndim == 3:
             image = image[None]
         if image.ndim != 4 or image.shape[-1] != 3 or image.shape[1] == 0 or image.shape[2] == 0:
