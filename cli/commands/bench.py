@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per point; the median is reported")
     p.add_argument("--no-recompute", action="store_true", help="skip the recompute baseline (long streams)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime: also time the exported float32 step (onnxruntime) beside torch",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
     p.set_defaults(handler=_stream)
 
@@ -69,6 +75,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         return run_node_benchmark(args)
 
     p.set_defaults(handler=_node)
+
+    p = group.add_parser(
+        "contention",
+        help="each workload quiet and beside busy competing processes, side by side: loaded/quiet ratios",
+    )
+    p.add_argument("--workloads", default="pretrain,perception,vla", help="subset of pretrain,perception,vla")
+    p.add_argument("--competitors", type=int, default=1, help="busy processes competing for the cores (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="quiet/loaded pairs per workload (default 3)")
+    p.add_argument("--preset", default="small", help="backbone preset of the perception workload (default small)")
+    p.add_argument("--resolution", type=int, default=224, help="perception input size (default 224)")
+    p.add_argument("--limit", type=float, default=2.2, help="ratio reported as within budget (default 2.2)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    p.set_defaults(handler=_contention)
+
+
+def _contention(args: argparse.Namespace) -> int:
+    from omnistream_cli.bench_contention import run_contention_benchmark
+
+    return run_contention_benchmark(args)
 
 
 def _stream(args: argparse.Namespace) -> int:
