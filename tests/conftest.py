@@ -4,10 +4,15 @@
   runs (and other machines) never see each other's topics.
 * one OpenMP thread per process (tests use tiny models; timings are measured by benchmarks, not tests).
 * ``--runslow`` enables tests marked ``slow`` (``make test-all``); without it they report SKIPPED with the reason.
+* margins: a test whose verdict depends on a training run or a random draw takes the ``seed`` fixture and reports
+  each checked value with ``margin(name, value, bound)``; ``scripts/measure_margins.py`` runs those tests
+  (marker ``margin``) under several seeds and prints every value beside its bound. Seeds stand in for what another
+  CPU does to a run (other kernels, other rounding, another trajectory).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -46,3 +51,34 @@ def fixture_a() -> Path:
     if not FIXTURE_A.is_dir():
         pytest.fail(f"the upstream fixture is missing: {FIXTURE_A} (CI clones with ../shared beside the repo)")
     return FIXTURE_A
+
+
+@pytest.fixture(scope="session")
+def seed() -> int:
+    """The seed of margin tests: ``OMNISTREAM_TEST_SEED`` (default 0), set by ``scripts/measure_margins.py``."""
+    return int(os.environ.get("OMNISTREAM_TEST_SEED", "0"))
+
+
+@pytest.fixture
+def margin(request):
+    """``margin(name, value, bound, higher_is_better=True, baseline=0)``: asserts ``value`` against ``bound``.
+
+    ``baseline`` is the value of no effect (1 for a factor by which a loss falls, 0 for an error), so the margin
+    rule of ``scripts/measure_margins.py`` reads "the bound asks for at most half the worst effect measured".
+    With ``OMNISTREAM_MARGINS_FILE`` set, each call appends a JSON line (test, name, seed, value, bound) there.
+    """
+    path = os.environ.get("OMNISTREAM_MARGINS_FILE")
+
+    def check(name: str, value: float, bound: float, higher_is_better: bool = True, baseline: float = 0.0) -> None:
+        value = float(value)
+        if path:
+            row = {"test": request.node.nodeid, "name": name, "seed": int(os.environ.get("OMNISTREAM_TEST_SEED", "0")),
+                   "value": value, "bound": bound, "higher_is_better": higher_is_better, "baseline": baseline}  # fmt: skip
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if higher_is_better:
+            assert value >= bound, f"{name}: {value:.4g} < bound {bound:.4g}"
+        else:
+            assert value <= bound, f"{name}: {value:.4g} > bound {bound:.4g}"
+
+    return check

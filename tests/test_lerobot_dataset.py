@@ -242,7 +242,8 @@ def test_view_writes_png_and_mp4(tmp_path):
 # ----------------------------------------------------------------------------------------------- VLA training
 
 
-def test_vla_policy_trains_on_reader_batches(tmp_path, fixture_a):
+@pytest.mark.margin
+def test_vla_policy_trains_on_reader_batches(tmp_path, fixture_a, seed, margin):
     """What the reader returns is what the VLA policy's forward() takes: loss falls on converted data."""
     from omnistream_perception.model import OmniStreamModel
     from omnistream_vla.normalization import ActionNormalizer
@@ -250,7 +251,7 @@ def test_vla_policy_trains_on_reader_batches(tmp_path, fixture_a):
 
     root = tmp_path / "ds"
     _write(root, episodes=(6, 6))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = OmniStreamVLAConfig.preset("debug", backbone=None)
     chunk = config.chunk_size
     ds = LeRobotDataset(root, delta_timestamps={"action": [k / 15 for k in range(chunk)]})
@@ -269,7 +270,8 @@ def test_vla_policy_trains_on_reader_batches(tmp_path, fixture_a):
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    assert np.isfinite(losses).all() and losses[-1] < losses[0] / 2, losses[::10]
+    assert np.isfinite(losses).all(), losses[::10]
+    margin("loss fall (first / last)", losses[0] / losses[-1], 1.5, baseline=1.0)
 
 
 def test_reader_reads_image_features_stored_in_parquet(tmp_path):

@@ -110,20 +110,22 @@ def test_pretrain_bad_input_is_a_user_error(tmp_path, capsys):
     assert _run(["pretrain", "--out", str(tmp_path), "--geometry", str(tmp_path / "missing")]) == 2
 
 
-def test_heads_probe_frozen_backbone_and_save_beside_it(tmp_path):
+@pytest.mark.margin
+def test_heads_probe_frozen_backbone_and_save_beside_it(tmp_path, seed, margin):
     from omnistream_perception.model import OmniStreamModel
     from omnistream_perception.model.heads import GeometryHeads
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ckpt = OmniStreamModel.from_preset("debug").save_pretrained(tmp_path / "ckpt")
     before = (ckpt / "model.safetensors").read_bytes()
-    assert _run(["heads", "--checkpoint", str(ckpt), "--preset", "debug", "--max-steps", "8", "--save-every", "0",
-                 "--out", str(tmp_path / "log"), "--threads", "1", "--no-progress"]) == 0  # fmt: skip
+    assert _run(["heads", "--checkpoint", str(ckpt), "--preset", "debug", "--max-steps", "12", "--save-every", "0",
+                 "--out", str(tmp_path / "log"), "--threads", "1", "--no-progress", "--seed", str(seed)]) == 0  # fmt: skip
     assert GeometryHeads.present(ckpt)
     GeometryHeads.from_pretrained(ckpt)
     assert (ckpt / "model.safetensors").read_bytes() == before  # the backbone is untouched
     rows = read_metrics(tmp_path / "log" / "metrics.jsonl")
-    assert rows[-1]["geo"] < rows[0]["geo"]
+    first, last = (sum(r["geo"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    margin("geometry loss fall (first 3 / last 3 steps)", first / last, 1.1, baseline=1.0)
     assert set(rows[0]) >= {"step", "loss", "depth", "ray", "points", "camera"}
 
 
@@ -144,7 +146,8 @@ def _torchrun(out: Path, *extra: str) -> None:
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_loss_falls_ranks_agree_and_resume_is_exact(tmp_path):
+@pytest.mark.margin
+def test_torchrun_two_processes_loss_falls_ranks_agree_and_resume_is_exact(tmp_path, margin):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     _torchrun(full)
     rows = read_metrics(full / "metrics.jsonl")
@@ -153,7 +156,7 @@ def test_torchrun_two_processes_loss_falls_ranks_agree_and_resume_is_exact(tmp_p
         assert all(r[key] is not None for r in rows), key
     first = sum(r["loss"] for r in rows[:5]) / 5
     last = sum(r["loss"] for r in rows[-5:]) / 5
-    assert last < first, (first, last)
+    margin("loss fall (first 5 / last 5 steps)", first / last, 1.0, baseline=1.0)
     digests = json.loads((full / "rank_weights_sha256.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]  # both ranks hold identical weights
     _torchrun(resumed, "--resume", str(full / "checkpoints" / "step-000010"))

@@ -50,12 +50,14 @@ def test_action_does_not_depend_on_padding():
     assert not torch.allclose(arm_right[:1], alone[..., :6], atol=1e-4)
 
 
-def test_debug_policy_overfits_through_backbone_qwen2_and_head(fixture_a):
-    """Frozen backbone features (from images) -> projector -> Qwen2 -> action query -> head: loss falls >= 10x."""
-    torch.manual_seed(0)
+@pytest.mark.margin
+def test_debug_policy_overfits_through_backbone_qwen2_and_head(fixture_a, seed, margin):
+    """Frozen backbone features (from images) -> projector -> Qwen2 -> action query -> head: the loss falls and the
+    policy reproduces its targets (bounds: half the worst of three seeds, scripts/measure_margins.py)."""
+    torch.manual_seed(seed)
     config = OmniStreamVLAConfig.preset("debug", backbone=None)
     policy = OmniStreamVLAPolicy(config, backbone=OmniStreamModel.from_pretrained(fixture_a))
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1 + seed)
     images = torch.rand(4, 3, 64, 64, generator=g)
     tasks = ["open the drawer", "push the block left", "lift the pink block", "turn on the light"]
     arm = torch.rand(4, 4, 6, generator=g) * 1.6 - 0.8
@@ -66,10 +68,11 @@ def test_debug_policy_overfits_through_backbone_qwen2_and_head(fixture_a):
     groups = policy.parameter_groups()
     assert {g["name"]: g["lr"] for g in groups} == {"projector": 1e-4, "llm_and_head": 2e-5}
     assert not any(p.requires_grad for p in policy.backbone.parameters())
-    optimizer = torch.optim.Adam([{"params": g["params"], "lr": 3e-3} for g in groups])
+    # 3e-3 left one seed in five on a plateau (loss 6x down, a gripper sign wrong); 1e-3 fell >= 800x on all five
+    optimizer = torch.optim.Adam([{"params": g["params"], "lr": 1e-3} for g in groups])
     policy.train()
     losses = []
-    for _ in range(150):
+    for _ in range(200):
         loss, info = policy(batch)
         optimizer.zero_grad()
         loss.backward()
@@ -77,12 +80,12 @@ def test_debug_policy_overfits_through_backbone_qwen2_and_head(fixture_a):
         optimizer.step()
         losses.append(float(loss.detach()))
     assert set(info) == {"loss_arm", "loss_gripper", "gripper_accuracy"}
-    assert losses[-1] < losses[0] / 10, f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+    margin("loss fall (first / last)", losses[0] / losses[-1], 10.0, baseline=1.0)
     # The trained policy reproduces the targets, in the dataset's units.
     policy.eval()
     chunk = policy.predict_action_chunk({"observation.images.static": images, "task": tasks})
-    assert (chunk[..., 6] == gripper[..., 0]).float().mean() >= 0.9
-    assert (chunk[..., :6] - arm).abs().mean() < 0.1
+    margin("gripper error rate", (chunk[..., 6] != gripper[..., 0]).float().mean(), 0.1, higher_is_better=False)
+    margin("arm mean abs error", (chunk[..., :6] - arm).abs().mean(), 0.1, higher_is_better=False)
 
 
 def test_save_load_round_trip_gives_identical_actions(tmp_path, fixture_a):
