@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import SHARED
 
+from omnistream_cli.commands.sim import _eval_calvin as evaluate
 from omnistream_cli.main import UserError, main
-from omnistream_sim.calvin import evaluate, load_instructions, run_evaluation
+from omnistream_sim.calvin import load_instructions, run_evaluation
 from omnistream_sim.calvin.env import calvin_env_commit, resolve_calvin_env_root
 from omnistream_sim.calvin.sequences import chains_from_json
 from omnistream_sim.policies import RandomPolicy

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
+from omnistream_cli.errors import UserError
+
 ENVS = ("tabletop", "calvin", "simpler")
 LAYOUTS = ("random", "slots")  # omnistream_sim.tabletop.TabletopConfig.layout
 
@@ -67,8 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_shard(text: str | None) -> tuple[int, int]:
     """ "i/n" -> (i, n) with 0 <= i < n; None -> (0, 1)."""
-    from omnistream_cli.main import UserError
-
     if text is None:
         return 0, 1
     try:
@@ -88,22 +88,106 @@ def shard_range(total: int, index: int, count: int) -> tuple[int, int]:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
-
-    if args.env in ("calvin", "simpler"):
-        try:
-            module = importlib.import_module(f"omnistream_sim.{args.env}")
-        except ModuleNotFoundError as exc:
-            raise UserError(f"the {args.env} harness is not available in this install ({exc})") from None
-        if not hasattr(module, "evaluate"):
-            raise UserError(f"omnistream_sim.{args.env} has no evaluate(args) yet")
-        return int(module.evaluate(args) or 0)
+    if args.env == "calvin":
+        return _eval_calvin(args)
+    if args.env == "simpler":
+        return _eval_simpler(args)
     return _eval_tabletop(args)
 
 
-def _eval_tabletop(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
+def _eval_calvin(args: argparse.Namespace) -> int:
+    """``omnistream sim eval --env calvin``: the real simulator through the official protocol."""
+    from omnistream_sim.calvin import NUM_CHAINS, generate_chains, load_instructions, run_evaluation, select_chains
+    from omnistream_sim.calvin.env import make_calvin_env, resolve_calvin_env_root
+    from omnistream_sim.policies import make_policy
 
+    if args.videos < 0:
+        raise UserError(f"--videos must be >= 0, got {args.videos}")
+    shard = parse_shard(args.shard)
+    seed = 0 if args.seed is None else args.seed
+    try:
+        resolve_calvin_env_root(args.calvin_env_root)  # fail fast, before ~25 s of chain generation
+        load_instructions()
+        if args.chains is not None and not 1 <= args.chains <= NUM_CHAINS:
+            raise ValueError(f"--chains must be in 1..{NUM_CHAINS}, got {args.chains}")
+        all_chains = generate_chains(progress=not getattr(args, "quiet", False))
+        select_chains(all_chains, args.chains, shard)  # validates --chains/--shard before the slow env build
+        policy = make_policy(args.policy, seed=seed, env_name="calvin", device=getattr(args, "device", "cpu"))
+        sim = make_calvin_env(args.calvin_env_root, renderer=args.renderer)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        results = run_evaluation(
+            sim.env,
+            sim.oracle,
+            policy,
+            policy_name=args.policy,
+            chains=args.chains,
+            shard=shard,
+            seed=seed,
+            out_dir=args.out,
+            videos=args.videos if shard[0] == 0 else 0,
+            progress=not getattr(args, "quiet", False),
+            all_chains=all_chains,
+            calvin_env_commit=sim.commit,
+            renderer=sim.renderer,
+        )
+    finally:
+        sim.close()
+        close = getattr(policy, "close", None)
+        if close is not None:
+            close()
+    rates = " ".join(f"{k}:{v * 100:.1f}%" for k, v in results["chain_success"].items())
+    print(
+        f"calvin/{args.policy}: avg_len {results['avg_len']:.3f} ({rates}) over {results['episodes']} chains "
+        f"in {results['seconds']:.0f} s, calvin_env {sim.commit[:12]} -> {args.out}/results.json"
+    )
+    return 0
+
+
+def _eval_simpler(args: argparse.Namespace) -> int:
+    """``omnistream sim eval --env simpler``: needs ``simpler_env`` (a GPU machine with Vulkan)."""
+    from omnistream_sim.policies import make_policy
+    from omnistream_sim.simpler import (
+        EPISODES_PER_TASK,
+        SimplerBridgeEnv,
+        plan_episodes,
+        resolve_tasks,
+        run_evaluation,
+    )
+
+    shard = parse_shard(args.shard)
+    seed = 0 if args.seed is None else args.seed
+    episodes = EPISODES_PER_TASK if args.episodes is None else args.episodes
+    if episodes > EPISODES_PER_TASK:  # the protocol has 24 layouts per task
+        print(f"SimplerEnv-Bridge has {EPISODES_PER_TASK} episodes per task; running {EPISODES_PER_TASK}")
+        episodes = EPISODES_PER_TASK
+    try:
+        plan_episodes(resolve_tasks(None), episodes, [seed], shard)
+        policy = make_policy(args.policy, seed=seed, env_name="simpler", device=getattr(args, "device", "cpu"))
+        env = SimplerBridgeEnv()
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(str(exc)) from None
+    try:
+        results = run_evaluation(
+            env,
+            policy,
+            policy_name=args.policy,
+            episodes_per_task=episodes,
+            seeds=[seed],
+            shard=shard,
+            out_dir=args.out,
+            videos=args.videos if shard[0] == 0 else 0,
+            progress=not getattr(args, "quiet", False),
+        )
+    finally:
+        env.close()
+    per_task = " / ".join(f"{t} {e['success_rate'] * 100:.1f}" for t, e in results["per_task"].items())
+    print(f"simpler/{args.policy}: {per_task} (mean {results['mean_task_success'] * 100:.1f}%) -> {args.out}")
+    return 0
+
+
+def _eval_tabletop(args: argparse.Namespace) -> int:
     if args.episodes is None:
         args.episodes = 30
     if args.episodes < 1:
@@ -169,7 +253,6 @@ def _run_tabletop(args, policy, tasks, seed, config, start, stop, shard_index) -
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
     from omnistream_sim.report import load_results, merge_results
 
     try:
@@ -189,7 +272,6 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _demos(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
     from omnistream_sim.tabletop import TabletopConfig, generate_demonstrations
 
     try:
@@ -203,7 +285,6 @@ def _demos(args: argparse.Namespace) -> int:
 
 
 def _geometry(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
     from omnistream_sim.tabletop import generate_geometry_sequences
 
     try:

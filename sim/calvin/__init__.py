@@ -5,7 +5,8 @@
 * :mod:`.protocol`   the per-chain loop (reset, 5 subtasks x 360 steps, oracle success, stop at first failure)
   and the metrics (average length, i-in-a-row rates, per-task success);
 * :mod:`.env`        building calvin_env from its own configs (``--calvin-env-root`` / ``$CALVIN_ENV_ROOT``);
-* :func:`evaluate`   what ``omnistream sim eval --env calvin`` runs; :func:`merge_results` combines shards.
+* :func:`run_evaluation` the protocol over chains (``omnistream sim eval --env calvin`` calls it);
+  :func:`merge_results` combines shards.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ __all__ = [
     "NUM_CHAINS",
     "EvalChain",
     "chain_success_rates",
-    "evaluate",
     "evaluate_chain",
     "evaluate_chains",
     "fnv1_32",
@@ -143,60 +143,3 @@ def merge_results(paths: Iterable[str | Path], out_dir: str | Path | None = None
 
     paths = [Path(p).parent if Path(p).is_file() else Path(p) for p in paths]
     return merge(paths, out_dir, summarize=summarize_records)  # the summariser refuses mixed calvin_env commits
-
-
-def evaluate(args: Any) -> int:
-    """``omnistream sim eval --env calvin``: the real simulator through the official protocol."""
-    from omnistream_cli.main import UserError
-
-    from ..policies import make_policy
-    from .env import make_calvin_env, resolve_calvin_env_root
-
-    if args.videos < 0:
-        raise UserError(f"--videos must be >= 0, got {args.videos}")
-    shard = _parse_shard(args.shard)
-    seed = 0 if args.seed is None else args.seed
-    try:
-        resolve_calvin_env_root(args.calvin_env_root)  # fail fast, before ~25 s of chain generation
-        load_instructions()
-        if args.chains is not None and not 1 <= args.chains <= NUM_CHAINS:
-            raise ValueError(f"--chains must be in 1..{NUM_CHAINS}, got {args.chains}")
-        all_chains = generate_chains(progress=not getattr(args, "quiet", False))
-        select_chains(all_chains, args.chains, shard)  # validates --chains/--shard before the slow env build
-        policy = make_policy(args.policy, seed=seed, env_name="calvin", device=getattr(args, "device", "cpu"))
-        sim = make_calvin_env(args.calvin_env_root, renderer=args.renderer)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
-    try:
-        results = run_evaluation(
-            sim.env,
-            sim.oracle,
-            policy,
-            policy_name=args.policy,
-            chains=args.chains,
-            shard=shard,
-            seed=seed,
-            out_dir=args.out,
-            videos=args.videos if shard[0] == 0 else 0,
-            progress=not getattr(args, "quiet", False),
-            all_chains=all_chains,
-            calvin_env_commit=sim.commit,
-            renderer=sim.renderer,
-        )
-    finally:
-        sim.close()
-        close = getattr(policy, "close", None)
-        if close is not None:
-            close()
-    rates = " ".join(f"{k}:{v * 100:.1f}%" for k, v in results["chain_success"].items())
-    print(
-        f"calvin/{args.policy}: avg_len {results['avg_len']:.3f} ({rates}) over {results['episodes']} chains "
-        f"in {results['seconds']:.0f} s, calvin_env {sim.commit[:12]} -> {args.out}/results.json"
-    )
-    return 0
-
-
-def _parse_shard(text: str | None) -> tuple[int, int]:
-    from omnistream_cli.commands.sim import parse_shard
-
-    return parse_shard(text)

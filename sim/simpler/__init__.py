@@ -24,7 +24,6 @@ __all__ = [
     "EPISODES_PER_TASK",
     "SimplerBridgeEnv",
     "SimplerStandIn",
-    "evaluate",
     "merge_results",
     "plan_episodes",
     "run_evaluation",
@@ -147,41 +146,3 @@ def merge_results(paths: Iterable[str | Path], out_dir: str | Path | None = None
 
     paths = [Path(p).parent if Path(p).is_file() else Path(p) for p in paths]
     return merge(paths, out_dir, summarize=summarize_records)
-
-
-def evaluate(args: Any) -> int:
-    """``omnistream sim eval --env simpler``: needs ``simpler_env`` (a GPU machine with Vulkan)."""
-    from omnistream_cli.commands.sim import parse_shard
-    from omnistream_cli.main import UserError
-
-    from ..policies import make_policy
-
-    shard = parse_shard(args.shard)
-    seed = 0 if args.seed is None else args.seed
-    episodes = EPISODES_PER_TASK if args.episodes is None else args.episodes
-    if episodes > EPISODES_PER_TASK:  # the protocol has 24 layouts per task
-        print(f"SimplerEnv-Bridge has {EPISODES_PER_TASK} episodes per task; running {EPISODES_PER_TASK}")
-        episodes = EPISODES_PER_TASK
-    try:
-        plan_episodes(resolve_tasks(None), episodes, [seed], shard)
-        policy = make_policy(args.policy, seed=seed, env_name="simpler", device=getattr(args, "device", "cpu"))
-        env = SimplerBridgeEnv()
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
-    try:
-        results = run_evaluation(
-            env,
-            policy,
-            policy_name=args.policy,
-            episodes_per_task=episodes,
-            seeds=[seed],
-            shard=shard,
-            out_dir=args.out,
-            videos=args.videos if shard[0] == 0 else 0,
-            progress=not getattr(args, "quiet", False),
-        )
-    finally:
-        env.close()
-    per_task = " / ".join(f"{t} {e['success_rate'] * 100:.1f}" for t, e in results["per_task"].items())
-    print(f"simpler/{args.policy}: {per_task} (mean {results['mean_task_success'] * 100:.1f}%) -> {args.out}")
-    return 0
