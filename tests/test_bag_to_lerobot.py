@@ -26,8 +26,14 @@ def _frame(k: int) -> np.ndarray:
     return img
 
 
-def write_user_bag(path: Path, frames: int = 15, instruction_at: dict[int, str] | None = None) -> list[np.ndarray]:
-    """A bag like users have: Image (bgr8, no header stamps), String instructions, Float32MultiArray actions."""
+def write_user_bag(
+    path: Path,
+    frames: int = 15,
+    instruction_at: dict[int, str] | None = None,
+    pause_after: dict[int, float] | None = None,
+) -> list[np.ndarray]:
+    """A bag like users have: Image (bgr8, no header stamps), String instructions, Float32MultiArray actions, no
+    episode events. ``pause_after[k]``: seconds nothing is recorded after frame k (between demonstrations)."""
     from rosbags.rosbag2 import StoragePlugin, Writer
     from rosbags.typesys import Stores, get_typestore
 
@@ -47,8 +53,10 @@ def write_user_bag(path: Path, frames: int = 15, instruction_at: dict[int, str] 
         ins = writer.add_connection("/instruction", String.__msgtype__, typestore=ts)
         act = writer.add_connection("/action", F32.__msgtype__, typestore=ts)
         step = 1_000_000_000 // FPS
+        pause_ns = 0
         for k in range(frames):
-            t = T0 + k * step
+            t = T0 + k * step + pause_ns
+            pause_ns += int((pause_after or {}).get(k, 0.0) * 1e9)
             if k in instruction_at:
                 writer.write(ins, t - 1000, ts.serialize_cdr(String(data=instruction_at[k]), String.__msgtype__))
             bgr = np.ascontiguousarray(_frame(k)[..., ::-1])
@@ -72,8 +80,12 @@ def write_user_bag(path: Path, frames: int = 15, instruction_at: dict[int, str] 
 def test_rosbags_bag_converts(tmp_path):
     bag = tmp_path / "user_bag"
     actions = write_user_bag(bag, frames=15, instruction_at={0: "pick up the red block", 8: "place it in the tray"})
+    # One demonstration whose instruction changes half-way (a two-step task): kept as one episode on request.
     cfg = BagConversionConfig(
-        camera_topics=["/camera/image_raw"], action_topic="/action", instruction_topic="/instruction"
+        camera_topics=["/camera/image_raw"],
+        action_topic="/action",
+        instruction_topic="/instruction",
+        split_on_instruction=False,
     )
     summary = convert_bags([bag], tmp_path / "ds", cfg)
     assert summary["fps"] == FPS  # estimated from the camera
@@ -302,3 +314,123 @@ def test_images_sharing_a_log_time_are_told_apart(tmp_path):
     for k in range(6):
         assert abs(int(ds[k]["observation.images.cam"][..., 0].mean()) - int(_frame(k)[..., 0].mean())) <= 4
         assert ds[k]["action"].tolist() == [k]
+
+
+# ----------------------------------------------------------------------------------------------- splitting
+
+
+def _assert_frames_are_recorded_ones(ds, actions, recorded: list[int]):
+    """Every dataset frame is a recorded frame (its action and image), in order: nothing invented or repeated."""
+    assert len(ds) == len(recorded)
+    for i, k in enumerate(recorded):
+        item = ds[i]
+        np.testing.assert_allclose(item["action"].numpy(), actions[k])
+        image = item["observation.images.camera"]
+        for c in (0, 1):
+            assert abs(int(image[..., c].mean()) - int(_frame(k)[..., c].mean())) <= 4, (i, k, c)
+
+
+def test_user_bag_two_demonstrations_with_a_pause(tmp_path, capsys):
+    """Two 30-frame demonstrations at 10 Hz, 5 s apart, no episode events: 2 episodes, 60 recorded frames."""
+    bag = tmp_path / "two_demos"
+    tasks = ["pick up the red block", "open the drawer"]
+    actions = write_user_bag(bag, frames=60, instruction_at={0: tasks[0], 30: tasks[1]}, pause_after={29: 5.0})
+    summary_path = tmp_path / "summary.json"
+    rc = cli_main(
+        ["data", "bag-to-lerobot", str(bag), "--out", str(tmp_path / "ds"), "--camera-topics", "/camera/image_raw",
+         "--action-topic", "/action", "--instruction-topic", "/instruction", "--summary", str(summary_path)]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "episode 0: 30 frames, 0 images dropped, 0 frames filled" in printed
+    assert "episode 1: 30 frames, 0 images dropped, 0 frames filled" in printed
+    summary = json.loads(summary_path.read_text())
+    assert summary["fps"] == FPS and summary["episodes"] == 2 and summary["frames"] == 60
+    assert [e["tasks"] for e in summary["episode_details"]] == [[tasks[0]], [tasks[1]]]
+    assert summary["filled_frames"] == 0 and summary["dropped_images"] == 0
+    ds = LeRobotDataset(tmp_path / "ds", image_format="uint8_hwc")
+    episodes = ds.meta.episodes
+    assert episodes["length"].tolist() == [30, 30]
+    assert [list(t) for t in episodes["tasks"]] == [[tasks[0]], [tasks[1]]]
+    assert episodes["filled_frames"].tolist() == [0, 0] and episodes["dropped_images"].tolist() == [0, 0]
+    _assert_frames_are_recorded_ones(ds, actions, list(range(60)))
+    assert ds[30]["timestamp"].item() == 0.0 and int(ds[30]["episode_index"]) == 1
+
+    # Splitting on the pause alone, with the instruction changes kept in one episode: the same two episodes.
+    cfg = BagConversionConfig(camera_topics=["/camera/image_raw"], action_topic="/action",
+                              instruction_topic="/instruction", split_on_instruction=False)  # fmt: skip
+    assert convert_bags([bag], tmp_path / "gap_only", cfg)["episodes"] == 2
+
+
+def test_user_bag_instruction_change_without_a_pause_splits(tmp_path):
+    bag = tmp_path / "no_pause"
+    # The first instruction is published again mid-way (a periodic publisher): that is not a new episode.
+    at = {0: "push the button", 5: "push the button", 10: "slide the door"}
+    actions = write_user_bag(bag, frames=20, instruction_at=at)
+    cfg = BagConversionConfig(
+        camera_topics=["/camera/image_raw"], action_topic="/action", instruction_topic="/instruction"
+    )
+    summary = convert_bags([bag], tmp_path / "ds", cfg)
+    assert summary["episodes"] == 2 and summary["frames"] == 20 and summary["filled_frames"] == 0
+    ds = LeRobotDataset(tmp_path / "ds", image_format="uint8_hwc")
+    assert ds.meta.episodes["length"].tolist() == [10, 10]
+    assert [list(t) for t in ds.meta.episodes["tasks"]] == [["push the button"], ["slide the door"]]
+    _assert_frames_are_recorded_ones(ds, actions, list(range(20)))
+
+
+def test_gap_threshold_is_configurable_and_filling_is_counted(tmp_path, capsys):
+    """A gap threshold longer than the pause keeps one episode: the 50 frames filled in the pause are counted,
+    never silent; a threshold shorter than a frame period is refused."""
+    bag = tmp_path / "two_demos"
+    write_user_bag(bag, frames=60, instruction_at={0: "wave"}, pause_after={29: 5.0})
+    cfg = BagConversionConfig(camera_topics=["/camera/image_raw"], action_topic="/action",
+                              instruction_topic="/instruction", max_gap_s=10.0)  # fmt: skip
+    summary = convert_bags([bag], tmp_path / "ds", cfg)
+    assert summary["episodes"] == 1 and summary["frames"] == 110
+    assert summary["filled_frames"] == 50 and summary["episode_details"][0]["filled_frames"] == 50
+    cfg = BagConversionConfig(camera_topics=["/camera/image_raw"], action_topic="/action", default_task="t", fps=20)
+    summary = convert_bags([bag], tmp_path / "fast", cfg)  # 20 fps from a 10 Hz camera: every other frame filled
+    assert [e["frames"] for e in summary["episode_details"]] == [59, 59]
+    assert [e["filled_frames"] for e in summary["episode_details"]] == [29, 29]
+    with pytest.raises(ValueError, match="max_gap_s"):
+        BagConversionConfig(camera_topics=["/c"], action_topic="/a", max_gap_s=float("nan"))
+    rc = cli_main(
+        ["data", "bag-to-lerobot", str(bag), "--out", str(tmp_path / "x"), "--camera-topics", "/camera/image_raw",
+         "--action-topic", "/action", "--task", "t", "--max-gap", "0.05"]
+    )  # fmt: skip
+    assert rc == 2 and "longer than one frame period" in capsys.readouterr().err
+
+
+def test_recorder_episode_with_a_camera_drop_out_is_split_not_filled(tmp_path):
+    """A recorder episode (with events) whose camera stopped for 3 s: two parts with the episode's instruction and
+    success, no frame invented in the drop-out."""
+    from rosbags.typesys import Stores, get_typestore
+
+    from omnistream_vla.recording import BagRecorder
+
+    ts = get_typestore(Stores.ROS2_KILTED)
+    T = ts.types
+    rec = BagRecorder(tmp_path / "bags", bag_name="drop", min_free_bytes=0)
+    rec.add_topic("/cam", "sensor_msgs/msg/Image")
+    rec.add_topic("/cmd", "std_msgs/msg/Float32MultiArray")
+    rec.start_episode("wipe the table", T0)
+    for k in range(20):
+        t = T0 + (k + 1) * 100_000_000 + (3_000_000_000 if k >= 10 else 0)
+        header = T["std_msgs/msg/Header"](stamp=T["builtin_interfaces/msg/Time"](sec=0, nanosec=0), frame_id="")
+        img = T["sensor_msgs/msg/Image"](header=header, height=H, width=W, encoding="rgb8", is_bigendian=0,
+                                         step=W * 3, data=_frame(k).reshape(-1))  # fmt: skip
+        rec.add("/cam", t, bytes(ts.serialize_cdr(img, img.__msgtype__)))
+        cmd = T["std_msgs/msg/Float32MultiArray"](layout=T["std_msgs/msg/MultiArrayLayout"](dim=[], data_offset=0),
+                                                   data=np.array([k], np.float32))  # fmt: skip
+        rec.add("/cmd", t, bytes(ts.serialize_cdr(cmd, cmd.__msgtype__)))
+    rec.annotate(T0 + 5_000_000_000, success=True)
+    rec.stop_episode(T0 + 5_100_000_000)
+    rec.flush()
+    cfg = BagConversionConfig(camera_topics=["/cam"], action_topic="/cmd", fps=10)
+    summary = convert_bags([tmp_path / "bags" / "drop"], tmp_path / "ds", cfg)
+    assert summary["episodes"] == 2 and summary["frames"] == 20 and summary["filled_frames"] == 0
+    assert [e["source_episode"] for e in summary["episode_details"]] == [0, 0]
+    ds = LeRobotDataset(tmp_path / "ds", image_format="uint8_hwc")
+    assert ds.meta.episodes["length"].tolist() == [10, 10] and ds.meta.episodes["success"].tolist() == [True, True]
+    assert [ds[i]["action"].tolist() for i in range(20)] == [[k] for k in range(20)]
+    assert {ds[i]["task"] for i in range(20)} == {"wipe the table"}

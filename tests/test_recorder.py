@@ -170,15 +170,16 @@ def test_live_session_records_and_converts(tmp_path):
         image_pub = pub_node.create_publisher(Image, "/camera/image_raw", 50)
         action_pub = pub_node.create_publisher(EndEffectorAction, "/ee_action", 50)
         instruction_pub = pub_node.create_publisher(String, "/instruction", 10)
-        start = pub_node.create_client(Trigger, "/recorder/start")
-        stop = pub_node.create_client(Trigger, "/recorder/stop")
-        success = pub_node.create_client(Trigger, "/recorder/mark_success")
+        start = pub_node.create_client(Trigger, "/recorder_node/start")
+        stop = pub_node.create_client(Trigger, "/recorder_node/stop")
+        success = pub_node.create_client(Trigger, "/recorder_node/mark_success")
         executor, thread = spin_in_thread([recorder, pub_node])
         wait_for(
             lambda: all(recorder.recorded_subscriptions.get(t) for t in ("/camera/image_raw", "/ee_action")),
             what="recorder subscriptions",
         )
         wait_for(lambda: image_pub.get_subscription_count() and action_pub.get_subscription_count(), what="matching")
+        wait_for(lambda: instruction_pub.get_subscription_count() > 0, what="instruction matching")
 
         published = []  # (episode, stamp_ns, action vector, frame colour)
         tasks = ["pick up the red block", "open the drawer"]
@@ -269,7 +270,7 @@ def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
     try:
         node = Node("seq_publisher")
         pub = node.create_publisher(String, "/seq", 1000)
-        start = node.create_client(Trigger, "/recorder/start")
+        start = node.create_client(Trigger, "/recorder_node/start")
         executor, thread = spin_in_thread([node])
         assert start.wait_for_service(timeout_sec=30), f"recorder_node did not come up: {log_path.read_text()}"
         wait_for(lambda: pub.get_subscription_count() > 0, timeout=20, what="recorder subscription")
@@ -352,11 +353,12 @@ def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
             lambda m: errors.extend(s.message for s in m.status if s.level == DiagnosticStatus.ERROR),
             10,
         )
-        start, stop = (node.create_client(Trigger, f"/recorder/{name}") for name in ("start", "stop"))
+        start, stop = (node.create_client(Trigger, f"/recorder_node/{name}") for name in ("start", "stop"))
         executor, thread = spin_in_thread([recorder, node])
         wait_for(lambda: recorder.recorded_subscriptions.get("/joint_cmd"), what="subscription")
         wait_for(lambda: pub.get_subscription_count() > 0, what="matching")
         assert not call_trigger(stop).success  # no episode yet: a clear refusal, the node keeps running
+        wait_for(lambda: instruction.get_subscription_count() > 0, what="instruction matching")
         instruction.publish(String(data="wave"))
         wait_for(lambda: recorder.instruction == "wave", what="instruction")
         assert call_trigger(start).success
@@ -392,8 +394,10 @@ def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
 
 
 @pytest.mark.ros
-def test_sigint_mid_episode_writes_everything(tmp_path):
-    """Ctrl-C (SIGINT) mid-episode: the node stops the episode and writes its buffer before exiting."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_episode_writes_everything(tmp_path, sig):
+    """Ctrl-C (SIGINT) or a stop by docker/systemd (SIGTERM) mid-episode: the node stops the episode and writes
+    every buffered message before exiting with 0."""
     import rclpy
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.node import Node
@@ -413,7 +417,7 @@ def test_sigint_mid_episode_writes_everything(tmp_path):
         try:
             node = Node("seq_publisher_sigint")
             pub = node.create_publisher(String, "/seq", 1000)
-            start = node.create_client(Trigger, "/recorder/start")
+            start = node.create_client(Trigger, "/recorder_node/start")
             buffered = []  # the recorder's own count, from its 1 Hz /diagnostics
             node.create_subscription(
                 DiagnosticArray,
@@ -432,7 +436,7 @@ def test_sigint_mid_episode_writes_everything(tmp_path):
                 time.sleep(0.005)
             # Wait until the recorder holds all 50 (a loaded machine may take seconds), then interrupt it.
             wait_for(lambda: buffered and buffered[-1] >= 50, timeout=30, what="recorder to buffer all 50")
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             assert proc.wait(timeout=20) == 0, log_path.read_text()
             executor.shutdown()
             thread.join(timeout=5)

@@ -52,9 +52,10 @@ def sim_session(tmp_path_factory):
         state_pub = sim.create_publisher(JointState, "/robot_state", 50)
         action_pub = sim.create_publisher(EndEffectorAction, "/ee_action", 50)
         instruction_pub = sim.create_publisher(String, "/instruction", 10)
-        clients = {n: sim.create_client(Trigger, f"/recorder/{n}") for n in ("start", "stop", "mark_success")}
+        clients = {n: sim.create_client(Trigger, f"/recorder_node/{n}") for n in ("start", "stop", "mark_success")}
         executor, thread = spin_in_thread([recorder, sim])
         wait_for(lambda: all(recorder.recorded_subscriptions.get(t) for t in topics), what="recorder subscriptions")
+        wait_for(lambda: instruction_pub.get_subscription_count() > 0, what="instruction matching")
         with TabletopEnv(TabletopConfig.debug(max_steps=STEPS)) as env:
             expert = ScriptedExpert(env)
             for episode, (seed, task) in enumerate([(0, None), (1, None)]):

@@ -9,8 +9,16 @@ must match frames exactly).
 
 Episodes: from the recorder's ``.../episode_events`` topic when the bag has one (instruction, success,
 notes; an episode cut by a crash is kept up to its last message on disk, with ``complete=False`` in the
-episodes table); otherwise each bag is one episode. A frame's task is the latest instruction message at or before
-it, else its episode's instruction, else ``default_task``.
+episodes table). A bag without episode events (anyone's bag) is split where the instruction changes
+(``split_on_instruction``, when an instruction topic is given) and wherever a camera is silent for longer than
+``max_gap_s`` (default: the longer of 1 s and 3 frame periods). Gaps split recorder episodes too: no frame is
+ever invented to fill a pause. A frame's task is the latest instruction message at or before it, else its
+episode's instruction, else ``default_task``.
+
+Nothing is lost or invented silently: each episode reports ``dropped_images`` (camera images inside the episode
+that no frame uses: a camera faster than ``fps``) and ``filled_frames`` (frames that repeat the previous frame's
+image: a camera slower than ``fps`` or a short drop-out), summed over cameras, in the summary and as columns of
+the episodes table.
 
 Supported message types:
   cameras      sensor_msgs/msg/Image (rgb8, bgr8, rgba8, bgra8, mono8), sensor_msgs/msg/CompressedImage
@@ -24,6 +32,7 @@ Images are decoded with ``omnistream_perception.ros_image`` (the same code the n
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,6 +70,8 @@ class BagConversionConfig:
     only_successful: bool = False
     robot_type: str | None = None
     extra_episode_info: dict[str, Any] = field(default_factory=dict)
+    max_gap_s: float | None = None  # a camera silent longer than this ends an episode; None: max(1 s, 3 frames)
+    split_on_instruction: bool = True  # bags without episode events: a new instruction starts a new episode
 
     def __post_init__(self):
         if not self.camera_topics:
@@ -71,6 +82,16 @@ class BagConversionConfig:
             raise ValueError(f"{len(self.camera_names)} camera names for {len(self.camera_topics)} camera topics")
         if self.fps is not None and self.fps <= 0:
             raise ValueError(f"fps must be positive, got {self.fps}")
+        if self.max_gap_s is not None and not (math.isfinite(self.max_gap_s) and self.max_gap_s > 0):
+            raise ValueError(f"max_gap_s must be a positive number of seconds, got {self.max_gap_s}")
+
+    def gap_ns(self, fps: int) -> int:
+        """The camera silence that splits an episode, in ns (longer than a frame period, or every frame splits)."""
+        if self.max_gap_s is None:
+            return int(max(1.0, 3.0 / fps) * 1e9)
+        if self.max_gap_s * fps <= 1.0:
+            raise ValueError(f"max_gap_s {self.max_gap_s} must be longer than one frame period at {fps} fps")
+        return int(self.max_gap_s * 1e9)
 
 
 def camera_key(topic: str) -> str:
@@ -260,11 +281,43 @@ def _read_bag(bag: Path, cfg: BagConversionConfig) -> tuple[dict[str, _Stream], 
             if not episode["complete"]:
                 episode["stop_ns"] = 2**63 - 1
     if not episodes:
-        cams = [s for t, s in streams.items() if t in cfg.camera_topics]
-        if not cams[0].times:
-            raise ValueError(f"{bag}: camera topic {cams[0].topic} has no messages")
-        episodes = [{"start_ns": cams[0].times[0], "stop_ns": cams[0].times[-1], "instruction": None, "complete": True}]
+        for topic in cfg.camera_topics:
+            if not streams[topic].times:
+                raise ValueError(f"{bag}: camera topic {topic} has no messages")
+        times = [t for topic in cfg.camera_topics for t in (streams[topic].times[0], streams[topic].times[-1])]
+        episodes = [{"start_ns": min(times), "stop_ns": max(times), "instruction": None, "complete": True}]
+        if cfg.split_on_instruction and cfg.instruction_topic:
+            episodes[0]["split_on_instruction"] = True
     return streams, episodes
+
+
+def _instruction_changes(stream: _Stream | None) -> list[int]:
+    """Times at which the instruction text changes (the first instruction included)."""
+    if stream is None:
+        return []
+    changes, previous = [], None
+    for t, text in zip(stream.times, stream.values):
+        if text != previous:
+            changes.append(int(t))
+        previous = text
+    return changes
+
+
+def _split(lo: int, hi: int, cam_times: list[np.ndarray], gap_ns: int, cuts_at: list[int]) -> list[tuple[int, int]]:
+    """[lo, hi] without the camera gaps longer than ``gap_ns`` and cut at ``cuts_at``: (start, stop) per part."""
+    cuts: list[tuple[int, int]] = []  # (the previous part ends at, the next part starts at)
+    for times in cam_times:
+        inside = times[(times >= lo) & (times <= hi)]
+        for i in np.nonzero(np.diff(inside) > gap_ns)[0]:
+            cuts.append((int(inside[i]), int(inside[i + 1])))
+    cuts += [(c - 1, c) for c in cuts_at if lo < c <= hi]
+    parts, start = [], lo
+    for end, next_start in sorted(cuts):
+        if end >= start:
+            parts.append((start, end))
+        start = max(start, next_start)
+    parts.append((start, hi))
+    return parts
 
 
 def _estimate_fps(stream: _Stream) -> int:
@@ -277,14 +330,23 @@ def _estimate_fps(stream: _Stream) -> int:
 
 
 def convert_bags(bags: list[Path], out: Path, cfg: BagConversionConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Convert ``bags`` into one LeRobot v3.0 dataset at ``out``; returns a summary."""
+    """Convert ``bags`` into one LeRobot v3.0 dataset at ``out``; returns a summary with one entry per episode
+    written (``episode_details``: frames, tasks, ``dropped_images``, ``filled_frames``, where it came from)."""
     from tqdm import tqdm
 
     if not bags:
         raise ValueError("give at least one bag")
     writer: LeRobotDatasetWriter | None = None
     fps = cfg.fps
-    summary: dict[str, Any] = {"bags": [str(b) for b in bags], "episodes": 0, "frames": 0, "skipped_episodes": 0}
+    summary: dict[str, Any] = {
+        "bags": [str(b) for b in bags],
+        "episodes": 0,
+        "frames": 0,
+        "skipped_episodes": 0,
+        "dropped_images": 0,
+        "filled_frames": 0,
+        "episode_details": [],
+    }
     for bag in bags:
         streams, episodes = _read_bag(Path(bag), cfg)
         cams = [streams[t] for t in cfg.camera_topics]
@@ -292,65 +354,98 @@ def convert_bags(bags: list[Path], out: Path, cfg: BagConversionConfig, overwrit
             fps = _estimate_fps(cams[0])
             log.info("fps estimated from %s: %d", cams[0].topic, fps)
         step = 1_000_000_000 / fps
+        gap_ns = cfg.gap_ns(fps)
+        cam_times = [np.asarray(c.times, dtype=np.int64) for c in cams]
+        instruction_stream = streams.get(cfg.instruction_topic) if cfg.instruction_topic else None
+        changes = _instruction_changes(instruction_stream)
         for ep in tqdm(episodes, desc=f"{Path(bag).name}", unit="episode", leave=False):
             if cfg.only_successful and not ep.get("success", False):
                 summary["skipped_episodes"] += 1
                 continue
-            lo, hi = int(ep["start_ns"]), int(ep["stop_ns"])
-            cam_times = [np.asarray(c.times, dtype=np.int64) for c in cams]
-            inside = [t[(t >= lo) & (t <= hi)] for t in cam_times]
-            if any(len(t) == 0 for t in inside):
-                log.warning("%s: episode %s has no images on some camera; skipped", bag, ep.get("episode_index"))
-                summary["skipped_episodes"] += 1
-                continue
-            t0, t1 = max(int(t[0]) for t in inside), min(int(t[-1]) for t in inside)
-            # Integer nanoseconds: epoch times do not survive float64 arithmetic exactly.
-            count = int(np.floor((t1 - t0) / step + 1e-6)) + 1
-            grid = t0 + np.round(np.arange(count) * step).astype(np.int64)
-            action_stream = streams[cfg.action_topic]
-            if not action_stream.values:
-                raise ValueError(f"{bag}: action topic {cfg.action_topic} has no messages")
-            actions = _align_vectors(action_stream, grid, cfg.alignment)
-            states = _align_vectors(streams[cfg.state_topic], grid, cfg.alignment) if cfg.state_topic else None
-            tasks = _tasks_for(grid, streams.get(cfg.instruction_topic) if cfg.instruction_topic else None, ep, cfg)
-            images = {}
-            for c, (cam, times) in enumerate(zip(cams, cam_times)):
-                idx = _nearest(times, grid)
-                key = f"observation.images.{cfg.camera_names[c]}" if cfg.camera_names else camera_key(cam.topic)
-                images[key] = _load_images(Path(bag), cam, idx)
-            if writer is None:
-                features: dict[str, dict[str, Any]] = {
-                    key: {"dtype": "video", "shape": list(frames[0].shape)} for key, frames in images.items()
-                }
-                if states is not None:
-                    features["observation.state"] = {
-                        "dtype": "float32",
-                        "shape": [states.shape[1]],
-                        "names": streams[cfg.state_topic].names,
-                    }
-                features["action"] = {"dtype": "float32", "shape": [actions.shape[1]], "names": action_stream.names}
-                writer = LeRobotDatasetWriter(
-                    out, fps=fps, features=features, robot_type=cfg.robot_type, overwrite=overwrite
+            cuts_at = changes if ep.get("split_on_instruction") else []
+            parts = _split(int(ep["start_ns"]), int(ep["stop_ns"]), cam_times, gap_ns, cuts_at)
+            if len(parts) > 1:
+                log.info(
+                    "%s: episode %s split into %d at camera gaps/instruction changes",
+                    bag,
+                    ep.get("episode_index"),
+                    len(parts),
                 )
-            for k in range(len(grid)):
-                frame = {key: frames[k] for key, frames in images.items()}
-                frame["action"] = actions[k]
-                if states is not None:
-                    frame["observation.state"] = states[k]
-                frame["task"] = tasks[k]
-                writer.add_frame(frame)
-            writer.save_episode(
-                extra={
-                    "success": bool(ep.get("success", False)),
-                    "complete": bool(ep.get("complete", True)),
-                    "notes": "\n".join(ep.get("notes") or []),
-                    "source_bag": Path(bag).name,
-                    "source_start_ns": int(grid[0]),
-                    **cfg.extra_episode_info,
-                }
-            )
-            summary["episodes"] += 1
-            summary["frames"] += len(grid)
+            for lo, hi in parts:
+                inside = [t[(t >= lo) & (t <= hi)] for t in cam_times]
+                if all(len(t) == 0 for t in inside) and len(parts) > 1:
+                    continue  # a cut right at the start or the end: nothing recorded there
+                if any(len(t) == 0 for t in inside):
+                    log.warning("%s: episode %s has no images on some camera; skipped", bag, ep.get("episode_index"))
+                    summary["skipped_episodes"] += 1
+                    continue
+                t0, t1 = max(int(t[0]) for t in inside), min(int(t[-1]) for t in inside)
+                # Integer nanoseconds: epoch times do not survive float64 arithmetic exactly.
+                count = int(np.floor((t1 - t0) / step + 1e-6)) + 1
+                grid = t0 + np.round(np.arange(count) * step).astype(np.int64)
+                action_stream = streams[cfg.action_topic]
+                if not action_stream.values:
+                    raise ValueError(f"{bag}: action topic {cfg.action_topic} has no messages")
+                actions = _align_vectors(action_stream, grid, cfg.alignment)
+                states = _align_vectors(streams[cfg.state_topic], grid, cfg.alignment) if cfg.state_topic else None
+                tasks = _tasks_for(grid, instruction_stream, ep, cfg)
+                images, dropped, filled = {}, 0, 0
+                for c, (cam, times) in enumerate(zip(cams, cam_times)):
+                    idx = _nearest(times, grid)
+                    filled += int(np.count_nonzero(idx[1:] == idx[:-1]))
+                    in_part = np.nonzero((times >= lo) & (times <= hi))[0]
+                    dropped += int(np.count_nonzero(~np.isin(in_part, idx)))
+                    key = f"observation.images.{cfg.camera_names[c]}" if cfg.camera_names else camera_key(cam.topic)
+                    images[key] = _load_images(Path(bag), cam, idx)
+                if writer is None:
+                    features: dict[str, dict[str, Any]] = {
+                        key: {"dtype": "video", "shape": list(frames[0].shape)} for key, frames in images.items()
+                    }
+                    if states is not None:
+                        features["observation.state"] = {
+                            "dtype": "float32",
+                            "shape": [states.shape[1]],
+                            "names": streams[cfg.state_topic].names,
+                        }
+                    features["action"] = {"dtype": "float32", "shape": [actions.shape[1]], "names": action_stream.names}
+                    writer = LeRobotDatasetWriter(
+                        out, fps=fps, features=features, robot_type=cfg.robot_type, overwrite=overwrite
+                    )
+                for k in range(len(grid)):
+                    frame = {key: frames[k] for key, frames in images.items()}
+                    frame["action"] = actions[k]
+                    if states is not None:
+                        frame["observation.state"] = states[k]
+                    frame["task"] = tasks[k]
+                    writer.add_frame(frame)
+                index = writer.save_episode(
+                    extra={
+                        "success": bool(ep.get("success", False)),
+                        "complete": bool(ep.get("complete", True)),
+                        "notes": "\n".join(ep.get("notes") or []),
+                        "source_bag": Path(bag).name,
+                        "source_start_ns": int(grid[0]),
+                        "dropped_images": dropped,
+                        "filled_frames": filled,
+                        **cfg.extra_episode_info,
+                    }
+                )
+                summary["episodes"] += 1
+                summary["frames"] += len(grid)
+                summary["dropped_images"] += dropped
+                summary["filled_frames"] += filled
+                summary["episode_details"].append(
+                    {
+                        "episode_index": index,
+                        "source_bag": str(bag),
+                        "source_episode": ep.get("episode_index"),
+                        "start_ns": int(grid[0]),
+                        "frames": len(grid),
+                        "tasks": list(dict.fromkeys(tasks)),
+                        "dropped_images": dropped,
+                        "filled_frames": filled,
+                    }
+                )
     if writer is None:
         raise ValueError("no episode with images was found in the bag(s); nothing written")
     writer.finalize()

@@ -38,6 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--episode-topic", default=None, help="episode events topic (default: any .../episode_events)")
     p.add_argument("--only-successful", action="store_true", help="keep only episodes marked successful")
+    p.add_argument(
+        "--max-gap",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="a camera silent this long ends the episode (never filled with frames); default: max(1 s, 3 frames)",
+    )
+    p.add_argument(
+        "--no-instruction-split",
+        action="store_true",
+        help="bags without episode events: keep a new instruction in the same episode (default: a new episode)",
+    )
+    p.add_argument("--summary", default=None, metavar="JSON", help="also write the conversion summary here")
     p.add_argument("--robot-type", default=None, help="robot_type written to meta/info.json")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=_bag_to_lerobot)
@@ -89,14 +102,24 @@ def _bag_to_lerobot(args: argparse.Namespace) -> int:
             episode_events_topic=args.episode_topic,
             only_successful=args.only_successful,
             robot_type=args.robot_type,
+            max_gap_s=args.max_gap,
+            split_on_instruction=not args.no_instruction_split,
         )
         summary = convert_bags([Path(b) for b in args.bags], Path(args.out), cfg, overwrite=args.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError) as exc:
         raise _user_error(exc) from exc
+    for ep in summary["episode_details"]:
+        print(
+            f"episode {ep['episode_index']}: {ep['frames']} frames, {ep['dropped_images']} images dropped, "
+            f"{ep['filled_frames']} frames filled, task {' / '.join(ep['tasks'])!r} ({Path(ep['source_bag']).name})"
+        )
     print(
         f"wrote {summary['episodes']} episodes, {summary['frames']} frames at {summary['fps']} fps to {summary['out']}"
         + (f" ({summary['skipped_episodes']} skipped)" if summary["skipped_episodes"] else "")
+        + f"; {summary['dropped_images']} images dropped, {summary['filled_frames']} frames filled"
     )
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=2))
     return 0
 
 

@@ -4,41 +4,61 @@ Like ``ros2 bag record``, but episode-aware and without rosbag2 (not installable
 (serialized) subscriptions feed :class:`omnistream_vla.recording.BagRecorder`, which writes closed MCAP
 chunks and a real ``metadata.yaml`` (see that module for the crash-safety design).
 
-Parameters (``ros__parameters``):
-  topics             string[]  topics to record (any type: the type is looked up on the graph)
+A topic is subscribed once it has a publisher, with the QoS its publishers offer (reliable if they all are,
+transient-local if they all are, so a latched instruction published before the recorder started is received);
+the offered profiles go into the bag (``offered_qos_profiles``) so a replay keeps them. When a publisher appears
+that the subscription could not hear (best-effort or volatile), the topic is subscribed again with QoS that
+hears every publisher. Topic names are resolved like any ROS name: relative ones in the node's namespace.
+
+Parameters (``ros__parameters``; every one validated at start and on change, see ``RECORDER_PARAMETERS``):
+  topics             string[]  topics to record (any type: the type is looked up on the graph); changeable
   instruction_topic  string    std_msgs/String with the current instruction (recorded too) ["/instruction"]
   output_dir         string    bags are created here (change it at runtime to retry elsewhere) ["bags"]
-  bag_name           string    bag directory name ["" = rosbag2_<date>-<time>]
+  bag_name           string    bag directory name, read-only ["" = rosbag2_<date>-<time>]
   record_always      bool      record between episodes too (otherwise only inside episodes) [false]
   chunk_duration_s   double    close a chunk file at least this often [5.0]
   chunk_max_mb       double    ... or when this much is buffered [256]
   min_free_mb        double    refuse to write with less free disk space (clear "disk full" error) [64]
-  queue_depth        int       subscription queue depth (rides out stalls without losing messages) [1000]
+  queue_depth        int       subscription queue depth, read-only (rides out stalls without losing messages) [1000]
   retry_period_s     double    after a write error, retry this often (the buffer is kept) [2.0]
 
 Services (std_srvs/Trigger): ``~/start`` (new episode with the current instruction), ``~/stop`` (ends it
 and writes it to disk before answering), ``~/mark_success``, ``~/mark_failure``; topic ``~/notes``
 (std_msgs/String) adds an operator note to the episode. Episode events are recorded on
 ``~/episode_events`` (std_msgs/String JSON) inside the bag, and listed in ``episodes.json`` beside it and in
-``metadata.yaml`` ``custom_data``. Status goes to ``/diagnostics``.
+``metadata.yaml`` ``custom_data``. Status goes to ``/diagnostics``. On exit (SIGINT, SIGTERM, shutdown) the
+running episode is stopped and the buffer written.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import threading
+import time
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.serialization import deserialize_message
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from omnistream_perception.node_main import run_node
 
-from .recording import BagRecorder, RecordingError
+from .recording import (
+    RECORDER_PARAMETERS,
+    BagRecorder,
+    RecordingError,
+    qos_profile_dict,
+    validate_recorder_parameter,
+)
+
+NODE_NAME = "recorder_node"  # the executable's name: `/**/recorder_node` in config/recorder.yaml matches it
+INSTRUCTION_TYPE = "std_msgs/msg/String"
 
 
 def message_class(msgtype: str):
@@ -48,38 +68,46 @@ def message_class(msgtype: str):
 
 
 class RecorderNode(Node):
-    def __init__(self, **kwargs):
-        super().__init__("recorder", **kwargs)
-        declare = self.declare_parameter
-        declare("topics", [""], ParameterDescriptor(description="topics to record (any type)"))
-        declare("instruction_topic", "/instruction", ParameterDescriptor(description="std_msgs/String instruction"))
-        declare("output_dir", "bags", ParameterDescriptor(description="directory the bags are created in"))
-        declare("bag_name", "", ParameterDescriptor(description="bag directory name (default: date-time)"))
-        declare("record_always", False, ParameterDescriptor(description="record between episodes too"))
-        declare("chunk_duration_s", 5.0, ParameterDescriptor(description="close a chunk file this often"))
-        declare("chunk_max_mb", 256.0, ParameterDescriptor(description="close a chunk past this size"))
-        declare("min_free_mb", 64.0, ParameterDescriptor(description="minimum free disk space to write"))
-        declare("queue_depth", 1000, ParameterDescriptor(description="subscription queue (survives stalls)"))
-        declare("retry_period_s", 2.0, ParameterDescriptor(description="retry period after a write error"))
-        param = self.get_parameter
-        self.instruction_topic = param("instruction_topic").value
-        self.record_always = bool(param("record_always").value)
-        self.retry_period_s = float(param("retry_period_s").value)
-        self.queue_depth = int(param("queue_depth").value)
-        self.wanted = [t for t in param("topics").value if t]
-        if self.instruction_topic and self.instruction_topic not in self.wanted:
-            self.wanted.append(self.instruction_topic)
+    """The recorder; construct it in any process (``parameter_overrides`` for tests and bring-up)."""
+
+    def __init__(self, node_name: str = NODE_NAME, **kwargs):
+        super().__init__(node_name, **kwargs)
+        for name, spec in RECORDER_PARAMETERS.items():
+            # Types are checked by validate_recorder_parameter (`chunk_max_mb: 10` is a number too), so a wrong
+            # type is one clear error instead of rclpy's exception.
+            descriptor = ParameterDescriptor(description=spec.description, read_only=spec.read_only)
+            descriptor.dynamic_typing = True
+            self.declare_parameter(name, spec.default, descriptor)
+        values, problems = {}, []
+        for name in RECORDER_PARAMETERS:
+            value, problem = validate_recorder_parameter(name, self.get_parameter(name).value)
+            values[name] = value
+            if problem:
+                problems.append(problem)
+        if not problems:
+            try:
+                self.wanted, self.instruction_topic = self._resolve(values["topics"], values["instruction_topic"])
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ValueError(f"bad {node_name} parameters: " + "; ".join(problems))
+        self.record_always = values["record_always"]
+        self.retry_period_s = values["retry_period_s"]
+        self.queue_depth = values["queue_depth"]
         self.recorder = BagRecorder(
-            Path(param("output_dir").value),
-            bag_name=param("bag_name").value or None,
-            chunk_duration_s=float(param("chunk_duration_s").value),
-            chunk_max_bytes=int(float(param("chunk_max_mb").value) * 1e6),
-            min_free_bytes=int(float(param("min_free_mb").value) * 1e6),
+            Path(values["output_dir"]),
+            bag_name=values["bag_name"] or None,
+            chunk_duration_s=values["chunk_duration_s"],
+            chunk_max_bytes=int(values["chunk_max_mb"] * 1e6),
+            min_free_bytes=int(values["min_free_mb"] * 1e6),
             events_topic=self.resolve_topic_name("~/episode_events"),
         )
         self.instruction = ""
         self.last_raw: dict[str, bytes] = {}
-        self.recorded_subscriptions: dict[str, object] = {}
+        self.recorded_subscriptions: dict[str, object] = {}  # topic -> subscription (None: cannot be recorded)
+        self._sub_qos: dict[str, tuple[bool, bool]] = {}  # topic -> (reliable, transient_local) subscribed with
+        self._msgtypes: dict[str, str] = {}
+        self._topics_lock = threading.RLock()
         self._last_attempt = 0.0
         self._last_logged_error: str | None = None
         self.add_on_set_parameters_callback(self._on_parameters)
@@ -92,7 +120,6 @@ class RecorderNode(Node):
         self.create_service(Trigger, "~/mark_success", self._on_mark(True), callback_group=services)
         self.create_service(Trigger, "~/mark_failure", self._on_mark(False), callback_group=services)
         self.create_subscription(String, "~/notes", self._on_note, 10)
-        self.create_subscription(String, self.instruction_topic, self._on_instruction, 10)
         self.create_timer(0.5, self._discover)
         self.create_timer(0.2, self._flush_if_due, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0, self._publish_diagnostics)
@@ -101,64 +128,150 @@ class RecorderNode(Node):
 
     # -- parameters
 
+    def _resolve(self, topics: list[str], instruction_topic: str) -> tuple[list[str], str]:
+        """Fully qualified names (relative ones in the node's namespace, remappings applied), as ROS resolves them."""
+
+        def resolve(name: str) -> str:
+            try:
+                return self.resolve_topic_name(name)
+            except Exception as exc:  # rclpy raises RCLError (a RuntimeError) for an invalid name
+                raise ValueError(f"invalid topic name {name!r}: {str(exc).split(',')[0]}") from exc
+
+        wanted = list(dict.fromkeys(resolve(t) for t in topics))
+        instruction = resolve(instruction_topic) if instruction_topic else ""
+        if instruction and instruction not in wanted:
+            wanted.append(instruction)
+        return wanted, instruction
+
     def _on_parameters(self, params) -> SetParametersResult:
+        updates = {}
         for p in params:
-            if p.name == "output_dir":
-                if not str(p.value):
-                    return SetParametersResult(successful=False, reason="output_dir must not be empty")
-                self.recorder.set_output_dir(Path(p.value))
-            elif p.name == "min_free_mb":
-                if float(p.value) < 0:
-                    return SetParametersResult(successful=False, reason="min_free_mb must be >= 0")
-                self.recorder.min_free_bytes = int(float(p.value) * 1e6)
-            elif p.name in ("chunk_duration_s", "retry_period_s", "chunk_max_mb") and float(p.value) <= 0:
-                return SetParametersResult(successful=False, reason=f"{p.name} must be > 0")
-            elif p.name == "chunk_duration_s":
-                self.recorder.chunk_duration_s = float(p.value)
-            elif p.name == "retry_period_s":
-                self.retry_period_s = float(p.value)
-            elif p.name == "record_always":
-                self.record_always = bool(p.value)
+            value, problem = validate_recorder_parameter(p.name, p.value)
+            if problem:
+                return SetParametersResult(successful=False, reason=problem)
+            updates[p.name] = value
+        if "topics" in updates or "instruction_topic" in updates:
+            topics = updates.get("topics")
+            if topics is None:
+                topics = validate_recorder_parameter("topics", self.get_parameter("topics").value)[0]
+            instruction = updates.get("instruction_topic", self.instruction_topic)
+            try:
+                wanted, instruction_topic = self._resolve(topics, instruction)
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+            self._set_topics(wanted, instruction_topic)
+        for name, value in updates.items():  # all valid: apply them together
+            if name == "output_dir":
+                self.recorder.set_output_dir(Path(value))
+            elif name == "min_free_mb":
+                self.recorder.min_free_bytes = int(value * 1e6)
+            elif name == "chunk_max_mb":
+                self.recorder.chunk_max_bytes = int(value * 1e6)
+            elif name == "chunk_duration_s":
+                self.recorder.chunk_duration_s = value
+            elif name == "retry_period_s":
+                self.retry_period_s = value
+            elif name == "record_always":
+                self.record_always = value
         return SetParametersResult(successful=True)
 
-    # -- subscriptions on whatever type each topic has on the graph
+    def _set_topics(self, wanted: list[str], instruction_topic: str) -> None:
+        with self._topics_lock:
+            for topic in [t for t in self.recorded_subscriptions if t not in wanted]:
+                sub = self.recorded_subscriptions.pop(topic)
+                self._sub_qos.pop(topic, None)
+                if sub is not None:
+                    self.destroy_subscription(sub)
+                self.get_logger().info(f"no longer recording {topic}")
+            if instruction_topic != self.instruction_topic:
+                self.instruction = ""
+            self.wanted, self.instruction_topic = wanted, instruction_topic
+        self._discover()
+        self.get_logger().info(f"recording {self.wanted}")
+
+    # -- subscriptions on whatever type each topic has on the graph, with the QoS its publishers offer
+
+    def _publisher_qos(self, topic: str) -> tuple[tuple[bool, bool] | None, list[dict]]:
+        """((reliable, transient_local) that hears every publisher, the offered profiles); None: no publisher."""
+        publishers = self.get_publishers_info_by_topic(topic)
+        if not publishers:
+            return None, []
+        profiles = [p.qos_profile for p in publishers]
+        reliable = all(q.reliability == ReliabilityPolicy.RELIABLE for q in profiles)
+        latched = all(q.durability == DurabilityPolicy.TRANSIENT_LOCAL for q in profiles)
+        offered = [
+            qos_profile_dict(
+                q.history, q.depth, q.reliability, q.durability, q.deadline.nanoseconds, q.lifespan.nanoseconds,
+                q.liveliness, q.liveliness_lease_duration.nanoseconds, q.avoid_ros_namespace_conventions,
+            )
+            for q in profiles
+        ]  # fmt: skip
+        offered.sort(key=lambda d: json.dumps(d, sort_keys=True))  # the graph lists publishers in no fixed order
+        return (reliable, latched), offered
 
     def _discover(self) -> None:
-        missing = [t for t in self.wanted if t not in self.recorded_subscriptions]
-        if not missing:
+        with self._topics_lock:
+            graph = dict(self.get_topic_names_and_types())
+            for topic in self.wanted:
+                if self.recorded_subscriptions.get(topic, False) is None:
+                    continue  # cannot be recorded (logged once)
+                types = graph.get(topic)
+                if not types:
+                    continue  # not on the graph yet; retried every 0.5 s
+                wanted_qos, offered = self._publisher_qos(topic)
+                if wanted_qos is None:
+                    continue  # only subscribers so far: wait for a publisher to learn its QoS
+                current = self._sub_qos.get(topic)
+                if current is not None:
+                    # Re-subscribe only when a publisher appeared that the subscription cannot hear.
+                    if (current[0] and not wanted_qos[0]) or (current[1] and not wanted_qos[1]):
+                        self._subscribe(topic, types[0], wanted_qos, offered, again=True)
+                    elif offered != self.recorder.topics[topic].offered_qos:
+                        self.recorder.add_topic(topic, self._msgtypes[topic], offered)
+                    continue
+                self._subscribe(topic, types[0], wanted_qos, offered)
+
+    def _subscribe(self, topic: str, msgtype: str, qos: tuple[bool, bool], offered: list[dict], again=False) -> None:
+        reliable, latched = qos
+        try:
+            self.recorder.add_topic(topic, msgtype, offered)
+            cls = message_class(msgtype)
+        except (RecordingError, ImportError, AttributeError, ValueError) as exc:
+            self.get_logger().error(f"cannot record {topic} ({msgtype}): {exc}")
+            self.recorded_subscriptions[topic] = None  # do not retry every 0.5 s
             return
-        graph = dict(self.get_topic_names_and_types())
-        for topic in missing:
-            types = graph.get(topic)
-            if not types:
-                continue  # not published yet; retried every 0.5 s
-            msgtype = types[0]
-            try:
-                self.recorder.add_topic(topic, msgtype)
-                cls = message_class(msgtype)
-            except (RecordingError, ImportError, AttributeError, ValueError) as exc:
-                self.get_logger().error(f"cannot record {topic} ({msgtype}): {exc}")
-                self.recorded_subscriptions[topic] = None  # do not retry every 0.5 s
-                continue
-            publishers = self.get_publishers_info_by_topic(topic)
-            reliable = publishers and all(p.qos_profile.reliability == ReliabilityPolicy.RELIABLE for p in publishers)
-            # A deep queue: a recorder must ride out a stalled process (disk, CPU) without losing messages.
-            qos = QoSProfile(
-                depth=self.queue_depth,
-                reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+        if topic == self.instruction_topic and msgtype != INSTRUCTION_TYPE:
+            self.get_logger().error(
+                f"instruction_topic {topic} has type {msgtype}, not {INSTRUCTION_TYPE}: recorded, but episodes get "
+                "no instruction from it"
             )
-            self.recorded_subscriptions[topic] = self.create_subscription(
-                cls, topic, lambda data, topic=topic: self._on_message(topic, data), qos, raw=True
-            )
-            self.get_logger().info(f"recording {topic} [{msgtype}] ({'reliable' if reliable else 'best effort'})")
+        self._msgtypes[topic] = msgtype
+        # A deep queue: a recorder must ride out a stalled process (disk, CPU) without losing messages.
+        profile = QoSProfile(
+            depth=self.queue_depth,
+            reliability=ReliabilityPolicy.RELIABLE if reliable else ReliabilityPolicy.BEST_EFFORT,
+            durability=DurabilityPolicy.TRANSIENT_LOCAL if latched else DurabilityPolicy.VOLATILE,
+        )
+        old = self.recorded_subscriptions.get(topic)
+        # The new subscription exists before the old one goes, so no message falls between them.
+        self.recorded_subscriptions[topic] = self.create_subscription(
+            cls, topic, lambda data, topic=topic: self._on_message(topic, data), profile, raw=True
+        )
+        self._sub_qos[topic] = qos
+        if old is not None:
+            self.destroy_subscription(old)
+        described = f"{'reliable' if reliable else 'best effort'}{', transient local' if latched else ''}"
+        if again:
+            self.get_logger().warning(f"a new publisher on {topic} needs other QoS: subscribed again ({described})")
+        else:
+            self.get_logger().info(f"recording {topic} [{msgtype}] ({described})")
 
     def _on_message(self, topic: str, data: bytes) -> None:
         self.last_raw[topic] = data  # the topics' last state survives episodes and write errors
+        if topic == self.instruction_topic and self._msgtypes.get(topic) == INSTRUCTION_TYPE:
+            self.instruction = deserialize_message(data, String).data
         if self.record_always or self.recorder.current is not None:
             self.recorder.add(topic, self.get_clock().now().nanoseconds, data)
-
-    def _on_instruction(self, msg: String) -> None:
-        self.instruction = msg.data
 
     # -- episodes
 
@@ -168,8 +281,6 @@ class RecorderNode(Node):
     def _publish_event(self, event: str) -> None:
         episode = self.recorder.current or (self.recorder.episodes[-1] if self.recorder.episodes else None)
         if episode is not None:
-            import json
-
             self.events_pub.publish(String(data=json.dumps({"event": event, **episode.as_dict()})))
 
     def _on_start(self, request, response):
@@ -231,8 +342,6 @@ class RecorderNode(Node):
     # -- disk
 
     def _flush_if_due(self) -> None:
-        import time
-
         due = self.recorder.chunk_due()
         if self.recorder.last_error is not None:
             due = self.recorder.buffered_messages > 0 and time.monotonic() - self._last_attempt >= self.retry_period_s
@@ -264,13 +373,17 @@ class RecorderNode(Node):
         else:
             status.level = DiagnosticStatus.OK
             status.message = "recording" if rec.current else "idle"
+        with self._topics_lock:
+            subscribed = [t for t, s in self.recorded_subscriptions.items() if s is not None]
+            waiting = [t for t in self.wanted if t not in self.recorded_subscriptions]
         values = {
             "bag": str(rec.bag.path) if rec.bag else "",
             "chunks": str(len(rec.bag.files) if rec.bag else 0),
             "episodes": str(len(rec.episodes)),
             "buffered_messages": str(rec.buffered_messages),
             "dropped_messages": str(rec.dropped),
-            "subscribed": ",".join(t for t, s in self.recorded_subscriptions.items() if s is not None),
+            "subscribed": ",".join(subscribed),
+            "waiting_for_publishers": ",".join(waiting),
         }
         status.values = [KeyValue(key=k, value=v) for k, v in values.items()]
         msg = DiagnosticArray(status=[status])
@@ -278,18 +391,17 @@ class RecorderNode(Node):
         self.diag_pub.publish(msg)
 
     def shutdown(self) -> None:
-        """Stop a running episode and write what is buffered (a clean exit loses nothing)."""
-        if self.recorder.current is not None:
-            self.recorder.stop_episode(self._now())
+        """Stop a running episode and write what is buffered (a clean exit loses nothing). Idempotent: the
+        shared node main may call it after a signal and again on the way out."""
         try:
-            self.recorder.flush()
+            self.recorder.close(self._now())
         except RecordingError as exc:
             self.get_logger().error(f"could not write the last chunk at shutdown: {exc}")
 
 
 def main(args: list[str] | None = None) -> int:
-    # A clean exit (Ctrl-C included) stops a running episode and writes the buffer: nothing recorded is lost.
-    return run_node(RecorderNode, "recorder", args, num_threads=3, on_exit=RecorderNode.shutdown)
+    # A clean exit (Ctrl-C, SIGTERM included) stops a running episode and writes the buffer: nothing recorded is lost.
+    return run_node(RecorderNode, NODE_NAME, args, num_threads=3, on_exit=RecorderNode.shutdown)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ written with ``rosbags`` (see ``../shared/specs/ros2-from-pypi.md``). It is *spl
   ``RecordingError`` with a message saying what to fix; the buffer is kept, so a retry (after freeing
   space or pointing the recorder elsewhere) writes everything that was recorded in between.
 
+Each topic's QoS is the one its publishers offered (``offered_qos_profiles`` in the MCAP channels and in
+``metadata.yaml``, as ``ros2 bag record`` stores it), so a replay publishes a latched topic latched again.
+
 Message definitions and type hashes come from the ``rosbags`` type store (standard types) or, for other
 packages' types (``omnistream_msgs``...), from the ``.msg`` files that every ROS 2 install puts under
 ``share/<package>/msg`` on ``AMENT_PREFIX_PATH``.
@@ -20,7 +23,9 @@ packages' types (``omnistream_msgs``...), from the ``.msg`` files that every ROS
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import shutil
 import threading
@@ -39,6 +44,112 @@ EPISODES_SIDE_FILE = "episodes.json"
 
 class RecordingError(RuntimeError):
     """Recording cannot write (disk full, unwritable path, ...). The recorder keeps its buffer for a retry."""
+
+
+@functools.cache
+def _typestore():
+    """The rosbags type store of the standard types (building one takes ~50 ms: once per process)."""
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_KILTED)
+
+
+# ----------------------------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class RecorderParam:
+    default: Any
+    kind: str  # "float" | "int" | "bool" | "str" | "str_list"
+    description: str
+    read_only: bool = False
+
+
+# The recorder_node parameters. Every one is validated at start (a bad one is a start-up error) and on every
+# change (refused with the reason); the read-only ones cannot change once the node runs.
+RECORDER_PARAMETERS: dict[str, RecorderParam] = {
+    "topics": RecorderParam([""], "str_list", "topics to record, any type (relative names use the node's namespace)"),
+    "instruction_topic": RecorderParam("/instruction", "str", "std_msgs/String instruction (recorded too); '' = none"),
+    "output_dir": RecorderParam("bags", "str", "directory the bags are created in (a change starts a new bag)"),
+    "bag_name": RecorderParam("", "str", "bag directory name ('' = rosbag2_<date>-<time>)", read_only=True),
+    "record_always": RecorderParam(False, "bool", "record between episodes too"),
+    "chunk_duration_s": RecorderParam(5.0, "float", "close a chunk file at least this often, seconds (> 0)"),
+    "chunk_max_mb": RecorderParam(256.0, "float", "close a chunk once this much is buffered, MB (> 0)"),
+    "min_free_mb": RecorderParam(64.0, "float", "refuse to write with less free disk space, MB (>= 0)"),
+    "queue_depth": RecorderParam(1000, "int", "subscription queue depth, 1..1000000 (rides out stalls)", True),
+    "retry_period_s": RecorderParam(2.0, "float", "after a write error, retry this often, seconds (> 0)"),
+}
+
+
+def validate_recorder_parameter(name: str, value: Any) -> tuple[Any, str | None]:
+    """(the value in its canonical Python type, None) or (None, what is wrong) for a recorder parameter."""
+    spec = RECORDER_PARAMETERS.get(name)
+    if spec is None:
+        return value, None  # not ours (e.g. use_sim_time)
+    if spec.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, f"{name} must be a number, got {value!r}"
+        value = float(value)
+        if not math.isfinite(value):
+            return None, f"{name} must be finite, got {value}"
+        if name == "min_free_mb":
+            return (value, None) if value >= 0 else (None, f"{name} must be >= 0, got {value}")
+        return (value, None) if value > 0 else (None, f"{name} must be > 0, got {value}")
+    if spec.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return None, f"{name} must be an integer, got {value!r}"
+        if not 1 <= value <= 1_000_000:
+            return None, f"{name} must be between 1 and 1000000, got {value}"
+        return value, None
+    if spec.kind == "bool":
+        return (value, None) if isinstance(value, bool) else (None, f"{name} must be true or false, got {value!r}")
+    if spec.kind == "str_list":
+        if isinstance(value, str):  # `topics: /camera/image_raw` in a params file: one topic
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            return None, f"{name} must be a list of topic names, got {value!r}"
+        return [v.strip() for v in value if v.strip()], None
+    if not isinstance(value, str):
+        return None, f"{name} must be a string, got {value!r}"
+    if name == "output_dir" and not value.strip():
+        return None, "output_dir must not be empty"
+    return value.strip(), None
+
+
+# ----------------------------------------------------------------------------------------------- QoS
+
+_INFINITE_NS = 2**63 - 1
+
+
+def qos_profile_dict(
+    history: int,
+    depth: int,
+    reliability: int,
+    durability: int,
+    deadline_ns: int = _INFINITE_NS,
+    lifespan_ns: int = _INFINITE_NS,
+    liveliness: int = 1,
+    liveliness_lease_duration_ns: int = _INFINITE_NS,
+    avoid_ros_namespace_conventions: bool = False,
+) -> dict[str, Any]:
+    """One offered QoS profile as rosbag2 stores it (rmw enum values; durations as sec/nsec, infinite as
+    RMW_DURATION_INFINITE = 9223372036 s 854775807 ns)."""
+
+    def duration(ns: int) -> dict[str, int]:
+        ns = min(int(ns), _INFINITE_NS)
+        return {"sec": ns // 1_000_000_000, "nsec": ns % 1_000_000_000}
+
+    return {
+        "history": int(history),
+        "depth": int(depth),
+        "reliability": int(reliability),
+        "durability": int(durability),
+        "deadline": duration(deadline_ns),
+        "lifespan": duration(lifespan_ns),
+        "liveliness": int(liveliness),
+        "liveliness_lease_duration": duration(liveliness_lease_duration_ns),
+        "avoid_ros_namespace_conventions": bool(avoid_ros_namespace_conventions),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- types
@@ -131,6 +242,18 @@ class TopicInfo:
     msgtype: str
     msgdef: str
     rihs01: str
+    offered_qos: list[dict[str, Any]] = field(default_factory=list)  # qos_profile_dict() of each publisher
+
+    def rosbags_qos(self) -> list[Any]:
+        from rosbags.rosbag2.metadata import parse_qos
+
+        return parse_qos(self.offered_qos)
+
+    def qos_yaml(self) -> str:
+        """``offered_qos_profiles`` of a version-8 metadata.yaml (a YAML string, as rosbag2 writes it)."""
+        from rosbags.rosbag2.metadata import dump_qos_v8
+
+        return dump_qos_v8(self.rosbags_qos())
 
 
 def check_writable(directory: Path, min_free_bytes: int) -> None:
@@ -185,7 +308,9 @@ class ChunkedBag:
             connections = {}
             for topic in sorted({m.topic for m in messages} | set(self.topics)):
                 info = topics.get(topic) or self.topics[topic]
-                connections[topic] = writer.add_connection(topic, info.msgtype, msgdef=info.msgdef, rihs01=info.rihs01)
+                connections[topic] = writer.add_connection(
+                    topic, info.msgtype, msgdef=info.msgdef, rihs01=info.rihs01, offered_qos_profiles=info.rosbags_qos()
+                )
             for msg in sorted(messages, key=lambda m: m.timestamp_ns):
                 writer.write(connections[msg.topic], msg.timestamp_ns, msg.data)
             writer.close()
@@ -211,7 +336,7 @@ class ChunkedBag:
             }
         )
         for topic in connections:
-            self.topics.setdefault(topic, topics.get(topic) or self.topics[topic])
+            self.topics[topic] = topics.get(topic) or self.topics[topic]  # the latest offered QoS
             self.topic_counts[topic] = self.topic_counts.get(topic, 0)
         for msg in messages:
             self.topic_counts[msg.topic] += 1
@@ -237,7 +362,7 @@ class ChunkedBag:
                         "name": t.topic,
                         "type": t.msgtype,
                         "serialization_format": "cdr",
-                        "offered_qos_profiles": "",
+                        "offered_qos_profiles": t.qos_yaml(),
                         "type_description_hash": t.rihs01,
                     },
                     "message_count": self.topic_counts.get(t.topic, 0),
@@ -318,14 +443,16 @@ class BagRecorder:
         self._buffer_since = time.monotonic()
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()
-        self.add_topic(events_topic, EPISODE_EVENTS_TYPE)
+        # As the recorder node publishes them: keep-last 10, reliable, volatile.
+        self.add_topic(events_topic, EPISODE_EVENTS_TYPE, [qos_profile_dict(1, 10, 1, 2)])
 
     # -- topics and messages
 
-    def add_topic(self, topic: str, msgtype: str) -> TopicInfo:
+    def add_topic(self, topic: str, msgtype: str, offered_qos: list[dict[str, Any]] | None = None) -> TopicInfo:
+        """Register (or update the offered QoS of) a topic; ``offered_qos`` as :func:`qos_profile_dict` gives."""
         msgtype = normalize_type_name(msgtype)
         msgdef, rihs01 = self.registry.definition(msgtype)
-        info = TopicInfo(topic, msgtype, msgdef, rihs01)
+        info = TopicInfo(topic, msgtype, msgdef, rihs01, list(offered_qos or []))
         with self._lock:
             self.topics[topic] = info
         return info
@@ -360,11 +487,9 @@ class BagRecorder:
     # -- episodes
 
     def _event(self, event: str, timestamp_ns: int) -> None:
-        from rosbags.typesys import Stores, get_typestore
-
         episode = self.current or (self.episodes[-1] if self.episodes else None)
         payload = {"event": event, **(episode.as_dict() if episode else {})}
-        typestore = get_typestore(Stores.ROS2_KILTED)
+        typestore = _typestore()
         String = typestore.types["std_msgs/msg/String"]
         data = typestore.serialize_cdr(String(data=json.dumps(payload)), "std_msgs/msg/String")
         self.add(self.events_topic, timestamp_ns, bytes(data))
@@ -445,6 +570,14 @@ class BagRecorder:
                 raise
             self.last_error = None
             return chunk
+
+    def close(self, timestamp_ns: int) -> Path | None:
+        """Stop the running episode (if any) and write the buffer. Safe to call more than once and from any
+        thread: a second call finds nothing to stop and nothing buffered. RecordingError keeps the buffer."""
+        with self._lock:
+            if self.current is not None:
+                self.stop_episode(timestamp_ns)
+        return self.flush()
 
     def _write_side_file(self) -> None:
         assert self.bag is not None
