@@ -127,6 +127,7 @@ def _heading(text: str) -> None:
 # ------------------------------------------------------------------------------------------------------
 def stage_data(cfg: DemoConfig, root: Path) -> tuple[dict[str, Path], bool]:
     """The data directories, and whether they were (re)generated now (later stages then retrain)."""
+    from omnistream_perception.evaluation.datasets import TABLETOP_HELDOUT_SEED
     from omnistream_sim.tabletop.data import generate_demonstrations, generate_geometry_sequences
 
     paths = {
@@ -163,9 +164,12 @@ def stage_data(cfg: DemoConfig, root: Path) -> tuple[dict[str, Path], bool]:
         cfg.geometry_sequences, cfg.geometry_frames, seed=cfg.seed, out_dir=_fresh(paths["geometry"])
     )
     _finish(paths["geometry"], key)
-    # held out by seed: the training sequences use seeds [seed, seed + n)
+    # held out by seed (the same ones `omnistream eval stream --dataset tabletop` generates): training uses [seed, seed + n)
     generate_geometry_sequences(
-        cfg.heldout_sequences, cfg.heldout_frames, seed=cfg.seed + 50_000, out_dir=_fresh(paths["heldout"])
+        cfg.heldout_sequences,
+        cfg.heldout_frames,
+        seed=cfg.seed + TABLETOP_HELDOUT_SEED,
+        out_dir=_fresh(paths["heldout"]),
     )
     _finish(paths["heldout"], key)
     return paths, True
@@ -210,40 +214,44 @@ def stage_vla(
 
 
 def stage_perception(cfg: DemoConfig, backbone: Path, heldout: Path, figures: Path) -> dict[str, Any]:
+    """Scores the held-out sequences with the shared streaming evaluation (`omnistream eval stream --dataset
+    tabletop` runs the same function on the same sequences), then checks streaming == recomputation."""
     import torch
 
-    from omnistream_perception.evaluation import evaluate_sequences
-    from omnistream_perception.perception import PerceptionConfig, PerceptionSession
+    from omnistream_perception.evaluation import evaluate_stream, session_config
+    from omnistream_perception.evaluation.datasets import tabletop_eval_sequence
+    from omnistream_perception.evaluation.report import ARRAY_KEYS, plot_depth_errors, plot_trajectories, write_outputs
+    from omnistream_perception.perception import PerceptionSession
+    from omnistream_perception.processor import pool_patch_tokens
     from omnistream_sim.tabletop.data import GeometrySequence
 
     _heading("4/6 perception on held-out moving-camera sequences")
     index = json.loads((heldout / "index.json").read_text())
-    sequences = [GeometrySequence.load(heldout / s["file"]) for s in index["sequences"]]
-    session = PerceptionSession.from_config(
-        PerceptionConfig(
-            checkpoint=str(backbone), feature_pooling=1, feature_dtype="float32", max_side=cfg.perception_max_side
-        )
-    )
-    metrics = evaluate_sequences(session, sequences)
+    sequences = [
+        tabletop_eval_sequence(GeometrySequence.load(heldout / s["file"]), i) for i, s in enumerate(index["sequences"])
+    ]
+    session = PerceptionSession.from_config(session_config(str(backbone), max_side=cfg.perception_max_side))
+    metrics = evaluate_stream(session, sequences, "tabletop")
+    write_outputs(figures.parent / "eval" / "perception", metrics)
+    plot_depth_errors(metrics["example"], figures / "depth.png",
+                      "Held-out sequence: streamed depth vs the simulator's ground truth (metres)")  # fmt: skip
+    plot_trajectories(metrics["trajectories"][:1], figures / "trajectory.png")
 
     # streaming == recomputation: the features of the last frame, streamed frame by frame vs one causal pass
     seq = sequences[0]
     session.reset()
-    streamed = [session.process(rgb, want_depth=False, want_pose=False).patch_tokens for rgb in seq.rgb]
-    pixels = torch.cat([session.processor(rgb) for rgb in seq.rgb])[None]
+    streamed = [session.process(seq.image(i), want_depth=False, want_pose=False).patch_tokens for i in range(len(seq))]
+    pixels = torch.cat([session.processor(seq.image(i)) for i in range(len(seq))])[None]
     with torch.inference_mode():
         full = session.model(pixels, camera_token=session.stream.camera_token, output_hidden_states=False)
-    grid = full.grid_size
-    recomputed = full.last_hidden_state[0].reshape(len(seq.rgb), grid[0], grid[1], -1).numpy()
+    recomputed = pool_patch_tokens(full.last_hidden_state[0], full.grid_size, session.config.feature_pooling).numpy()
     diff = float(np.max(np.abs(np.stack(streamed).astype(np.float32) - recomputed)))
-    example = metrics.pop("example")
-    _plot_depth(example, figures / "depth.png")
-    _plot_trajectory(example, figures / "trajectory.png")
     print(
         f"depth AbsRel {metrics['depth_abs_rel']:.3f}  delta1 {metrics['depth_delta1']:.3f}  ATE {metrics['pose_ate']:.4f} m  "
         f"stream vs recompute max|diff| {diff:.2e}  ({metrics['ms_per_frame']:.1f} ms/frame)"
     )
-    return {**metrics, "stream_vs_recompute_max_abs_diff": diff, "stream_equals_recompute": diff < 1e-3}
+    kept = {k: v for k, v in metrics.items() if k not in ARRAY_KEYS}
+    return {**kept, "stream_vs_recompute_max_abs_diff": diff, "stream_equals_recompute": diff < 1e-3}
 
 
 def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: Path) -> dict[str, Any]:
@@ -274,61 +282,6 @@ def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: P
 # ------------------------------------------------------------------------------------------------------
 # pictures and report
 # ------------------------------------------------------------------------------------------------------
-def _plot_depth(example: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    frames = np.linspace(0, len(example["rgb"]) - 1, 4).astype(int)
-    gt, pred = example["gt_depth"], example["depth"]
-    scale = np.median(gt[gt > 0]) / np.median(pred[gt > 0])  # the evaluation's median alignment
-    vmin, vmax = np.percentile(gt[gt > 0], [1, 99])
-    fig, axes = plt.subplots(3, len(frames), figsize=(2.4 * len(frames), 7.2))
-    for col, f in enumerate(frames):
-        for row, (img, title) in enumerate(
-            ((example["rgb"][f], "RGB"), (gt[f], "ground truth"), (pred[f] * scale, "predicted"))
-        ):
-            ax = axes[row, col]
-            ax.imshow(
-                img,
-                cmap=None if row == 0 else "turbo",
-                vmin=None if row == 0 else vmin,
-                vmax=None if row == 0 else vmax,
-            )
-            ax.set_axis_off()
-            ax.set_title(f"{title}, frame {f}", fontsize=8)
-    fig.suptitle("Held-out sequence: streamed depth vs the simulator's ground truth (metres)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_trajectory(example: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from omnistream_perception.evaluation import umeyama_alignment
-
-    gt = example["gt_poses"][:, :3, 3]
-    pred = example["poses"][:, :3, 3]
-    s, rot, t = umeyama_alignment(pred, gt)
-    aligned = (s * (rot @ pred.T)).T + t
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, (i, j, label) in zip(axes, ((0, 2, "x-z (top view)"), (0, 1, "x-y (front view)"))):
-        ax.plot(gt[:, i], gt[:, j], "o-", label="ground truth", color="black", ms=3)
-        ax.plot(aligned[:, i], aligned[:, j], "s--", label="estimated (sim(3)-aligned)", color="tab:orange", ms=3)
-        ax.set_title(label)
-        ax.set_aspect("equal", adjustable="datalim")
-        ax.legend(fontsize=8)
-    fig.suptitle("Camera path in the first camera's frame")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _plot_success(per_task: dict[str, tuple[float, float]], path: Path) -> None:
     import matplotlib
 
