@@ -11,6 +11,8 @@ Conventions (see ``../shared/specs/simulators.md``):
   delta and a gripper +1 open / -1 close; Bridge-trained policies predict euler deltas (roll, pitch, yaw;
   static x-y-z axes, i.e. ``R = Rz(yaw) @ Ry(pitch) @ Rx(roll)``) and a gripper in [0, 1], converted with
   ``2 * (g > 0.5) - 1``. Bridge actions are normalised with their 1st/99th percentile bounds.
+* Gripper in sign convention: negative closes, anything else opens, so exactly 0 means open, here and in
+  vla_node (one rule: ``omnistream_vla.action_convention.gripper_to_sign``).
 
 Every function accepts a single action ``(7,)`` or a batch ``(..., 7)`` (or ``(..., 3)`` for rotations) and
 returns float32 (float64 for the rotation maths) arrays without modifying its input.
@@ -21,6 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from omnistream_vla.action_convention import gripper_to_sign as _gripper_to_sign
+from omnistream_vla.action_convention import rpy_to_rotation_vector
 
 # --------------------------------------------------------------------------------------------------- CALVIN
 CALVIN_POSITION_SCALE = 50.0  # 1 / 0.02: the env's multiplier on the relative position action
@@ -84,9 +89,9 @@ def calvin_unnormalize_from_vla(normalized, clip: float = CALVIN_VLA_CLIP) -> np
 
 # -------------------------------------------------------------------------------------------------- gripper
 def gripper_to_sign(g) -> np.ndarray:
-    """Any gripper command in sign convention -> exactly -1 (close) or +1 (open); 0 counts as open."""
-    g = np.asarray(g, dtype=np.float64)
-    return np.where(g < 0, -1.0, 1.0)
+    """Any gripper command in sign convention -> exactly -1 (close) or +1 (open); 0 counts as open (the stack's
+    one rule, shared with vla_node: ``omnistream_vla.action_convention.gripper_to_sign``)."""
+    return _gripper_to_sign(g)
 
 
 def gripper_sign_to_binary(g) -> np.ndarray:
@@ -179,8 +184,9 @@ def axis_angle_to_matrix(rotvec) -> np.ndarray:
 
 
 def euler_to_axis_angle(euler) -> np.ndarray:
-    """Bridge euler delta ``(roll, pitch, yaw)`` -> SimplerEnv's axis-angle rotation vector."""
-    return matrix_to_axis_angle(euler_to_matrix(euler))
+    """Bridge euler delta ``(roll, pitch, yaw)`` -> SimplerEnv's axis-angle rotation vector (the same maths as
+    vla_node's angular velocity: ``omnistream_vla.action_convention.rpy_to_rotation_vector``)."""
+    return rpy_to_rotation_vector(_as_actions(euler, "euler", 3))
 
 
 def axis_angle_to_euler(rotvec) -> np.ndarray:

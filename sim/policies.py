@@ -121,10 +121,12 @@ class VLACheckpointPolicy:
         if missing:
             raise ValueError(f"the checkpoint wants cameras {list(self.cameras)}; the observation lacks {missing}")
         if self.sessions:  # streamed, like perception_node: every frame enters the cache, chunk queued or not
+            from omnistream_perception.features_codec import batch_entry, batch_key
+
             batch: dict[str, Any] = {}
             for cam, session in self.sessions.items():
                 tokens = session.process(np.asarray(images[cam]), want_depth=False, want_pose=False).patch_tokens
-                batch[f"observation.features.{cam}"] = tokens.reshape(1, -1, tokens.shape[-1])
+                batch[batch_key(cam)] = batch_entry(tokens)
         else:
             batch = {f"observation.images.{c}": np.asarray(images[c])[None] for c in self.cameras}
         batch["task"] = [observation["instruction"]]
@@ -216,10 +218,8 @@ class RosPolicy:
         self.vla_params = {
             "policy": str(self.policy_dir),
             "control_rate": self.rate,
-            "translation_scale": pos_step,  # policy units (relative actions) -> metres, as on a real robot
-            "rotation_scale": rot_step,
-            "action_mode": "relative",
-            "max_feature_age": max(5.0, self.timeout),  # wall-clock staleness must not trip in lock-step
+            # the node acts in the policy's action convention (metres, radians); pos_step/rot_step convert back
+            "max_feature_age": 1.0,  # simulated seconds: lock-step advances the node's clock 1/rate per step
             **(vla_params or {}),
         }
         self.name = f"ros:{self.policy_dir.name}"

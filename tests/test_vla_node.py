@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ rclpy = pytest.importorskip("rclpy")
 torch = pytest.importorskip("torch")
 
 from geometry_msgs.msg import TwistStamped  # noqa: E402
+from rclpy.duration import Duration  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -23,8 +25,8 @@ from std_msgs.msg import Float32, String  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from omnistream_msgs.msg import EndEffectorAction, StreamFeatures  # noqa: E402
+from omnistream_perception.features_codec import encode_patch_tokens  # noqa: E402
 from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy  # noqa: E402
-from omnistream_vla.stream_features import encode_patch_tokens  # noqa: E402
 from omnistream_vla.vla_node import VLANode  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.realtime]
@@ -84,17 +86,20 @@ class Harness:
         self._feeder: threading.Thread | None = None
         self.feature_dtype = "float16"
 
-    def features(self, tokens=None) -> StreamFeatures:
+    def features(self, tokens=None, age: float = 0.0) -> StreamFeatures:
+        """Features stamped ``age`` seconds before now (a camera image's stamp)."""
         rng = np.random.default_rng(len(self.actions))
         grid = tokens if tokens is not None else rng.standard_normal((2, 2, 64)).astype(np.float32)
-        return encode_patch_tokens(grid, StreamFeatures(), self.feature_dtype)
+        msg = encode_patch_tokens(grid, StreamFeatures(), self.feature_dtype)
+        msg.header.stamp = (self.node.get_clock().now() - Duration(seconds=age)).to_msg()
+        return msg
 
-    def start_features(self, hz: float = 30.0) -> None:
+    def start_features(self, hz: float = 30.0, age: float = 0.0) -> None:
         self._feeding.set()
 
         def feed():
             while self._feeding.is_set():
-                self.features_pub.publish(self.features())
+                self.features_pub.publish(self.features(age=age))
                 time.sleep(1.0 / hz)
 
         self._feeder = threading.Thread(target=feed, daemon=True)
@@ -200,7 +205,7 @@ def test_new_instruction_and_reset_clear_the_chunk_queue(harness):
     assert harness.wait_for(lambda: harness.calls > calls, 3.0), "after ~/reset the next action needs a new chunk"
     calls = harness.calls
     harness.instruct("lift the pink block")
-    assert harness.wait_for(lambda: harness.node._instruction == "lift the pink block", 3.0)
+    assert harness.wait_for(lambda: harness.node.controller.instruction == "lift the pink block", 3.0)
     assert harness.wait_for(lambda: harness.calls > calls, 3.0), "a new instruction needs a new chunk"
     calls, n = harness.calls, len(harness.actions)
     harness.instruct("lift the pink block")  # the same text again: the queue stays
@@ -211,15 +216,15 @@ def test_new_instruction_and_reset_clear_the_chunk_queue(harness):
 def test_empty_instruction_rejected_and_long_one_truncated(harness):
     harness.node.set_parameters([Parameter("max_instruction_chars", value=20)])
     harness.instruct("open the drawer")
-    assert harness.wait_for(lambda: harness.node._instruction == "open the drawer", 3.0)
+    assert harness.wait_for(lambda: harness.node.controller.instruction == "open the drawer", 3.0)
     harness.instruct("   \n ")
     time.sleep(0.3)
-    assert harness.node._instruction == "open the drawer"
+    assert harness.node.controller.instruction == "open the drawer"
     assert harness.node.control_stats.counts["errors"] >= 1
     harness.instruct("pick up the red block and place it in the drawer")
-    assert harness.wait_for(lambda: harness.node._instruction != "open the drawer", 3.0)
-    assert len(harness.node._instruction) <= 20
-    assert "pick up the red".startswith(harness.node._instruction[:15])
+    assert harness.wait_for(lambda: harness.node.controller.instruction != "open the drawer", 3.0)
+    assert len(harness.node.controller.instruction) <= 20
+    assert "pick up the red".startswith(harness.node.controller.instruction[:15])
 
 
 def test_nan_from_the_policy_gives_a_stop_and_an_error(harness):
@@ -271,7 +276,7 @@ def test_a_late_node_still_gets_the_instruction(policy):
     try:
         h = Harness(policy)
         try:
-            assert h.wait_for(lambda: h.node._instruction == "turn on the light", 5.0)
+            assert h.wait_for(lambda: h.node.controller.instruction == "turn on the light", 5.0)
         finally:
             h.close()
     finally:
@@ -288,3 +293,118 @@ def test_bad_parameters_are_refused(policy):
         assert node.get_parameter("max_feature_age").value == 0.5
     finally:
         node.destroy_node()
+
+
+def test_safety_parameters_are_validated_at_start_and_on_change(policy):
+    for name, value in (("max_feature_age", float("inf")), ("control_rate", 0.001), ("max_clock_skew", -1.0)):
+        with pytest.raises(ValueError, match=name):
+            VLANode(policy=policy, parameter_overrides=[Parameter(name, value=value)])
+    node = VLANode(policy=policy, parameter_overrides=[Parameter("control_rate", value=10)])  # an integer
+    try:
+        assert node.get_parameter("control_rate").value == 10 and node.controller.settings.control_rate == 10.0
+        for name, value in (("max_feature_age", float("inf")), ("control_rate", 0.001), ("control_rate", "fast")):
+            result = node.set_parameters([Parameter(name, value=value)])[0]
+            assert not result.successful and name in result.reason
+        assert node.get_parameter("max_feature_age").value == 0.5
+        assert node.set_parameters([Parameter("control_rate", value=25)])[0].successful
+        assert node.controller.settings.control_rate == 25.0
+        assert node.set_parameters([Parameter("max_feature_age", value=2)])[0].successful
+        assert node.controller.settings.max_feature_age == 2.0
+    finally:
+        node.destroy_node()
+
+
+def test_a_configuration_contradicting_the_policy_convention_is_refused(policy):
+    with pytest.raises(ValueError, match="translation_scale 1 .*0.02"):
+        VLANode(policy=policy, parameter_overrides=[Parameter("translation_scale", value=1.0)])
+    with pytest.raises(ValueError, match="action_mode absolute"):
+        VLANode(policy=policy, parameter_overrides=[Parameter("action_mode", value="absolute")])
+
+
+def test_features_stamped_in_the_past_are_not_acted_on(harness):
+    harness.node.set_parameters([Parameter("max_feature_age", value=0.5)])
+    harness.start_features(age=2.0)
+    harness.instruct("open the drawer")
+    assert harness.wait_for(lambda: len(harness.actions) >= 4, 5.0)
+    assert harness.node.feature_stats.counts["processed"] >= 1
+    assert all(m.stop for _, m in harness.actions), "features stamped 2 s ago with max_feature_age 0.5"
+    assert "old" in harness.node.controller.last_reason
+
+
+def test_a_feature_grid_the_policy_was_not_trained_on_stops_with_an_error(harness):
+    harness.start_features()
+    harness.instruct("open the drawer")
+    assert harness.wait_for(lambda: any(not m.stop for _, m in harness.actions), 5.0)
+    harness.stop_features()
+    harness.features_pub.publish(harness.features(np.zeros((3, 5, 64), np.float32)))
+    assert harness.wait_for(lambda: harness.actions[-1][1].stop, 3.0)
+    status = harness.node.control_stats.to_status("vla_node")
+    assert status.level == bytes([2]) and "3x5" in status.message and "2x2" in status.message
+    assert harness.node.feature_stats.counts["dropped"] >= 1
+
+
+def test_control_status_counts_received_features_and_every_published_command(harness):
+    harness.instruct("open the drawer")
+    assert harness.wait_for(lambda: len(harness.actions) >= 2, 5.0)  # stops: no features yet
+    harness.start_features()
+    assert harness.wait_for(lambda: any(not m.stop for _, m in harness.actions), 5.0)
+    harness.stop_features()
+    values = {kv.key: kv.value for kv in harness.node.control_stats.to_status("vla_node").values}
+    assert int(values["received"]) == harness.node.feature_stats.counts["received"] > 0
+    assert int(values["stops"]) >= 2 and int(values["actions"]) >= 1
+    assert int(values["processed"]) == int(values["stops"]) + int(values["actions"])
+
+
+@pytest.mark.parametrize("harness", [{"control_rate": 0.5, "max_feature_age": 0.3}], indirect=True)
+def test_the_watchdog_stops_within_max_feature_age_whatever_the_control_rate(harness):
+    harness.start_features()
+    harness.instruct("open the drawer")
+    assert harness.wait_for(lambda: any(not m.stop for _, m in harness.actions), 5.0)
+    stopped_at = harness.stop_features()
+    assert harness.wait_for(lambda: harness.actions[-1][1].stop, 2.0), "a 0.5 Hz control timer must not delay it"
+    first_stop = next(t for t, m in harness.actions if m.stop and t > stopped_at)
+    assert first_stop - stopped_at < 1.9, "the stop came with the control timer (2 s), not the watchdog"
+
+
+def test_the_shipped_vla_yaml_starts_with_a_calvin_units_policy(policy):
+    import yaml
+
+    from omnistream_vla.action_convention import policy_convention
+
+    path = Path(__file__).resolve().parents[1] / "ros2_ws/src/omnistream_vla/config/vla.yaml"
+    values = yaml.safe_load(path.read_text())["/**/vla_node"]["ros__parameters"]
+    values.pop("policy")
+    node = VLANode(policy=policy, parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
+    try:
+        settings, convention = node.controller.settings, policy_convention(policy)
+        assert (settings.translation_scale, settings.rotation_scale) == (0.02, 0.05) == (
+            convention.translation_scale, convention.rotation_scale)  # fmt: skip
+        assert settings.mode == "relative"
+    finally:
+        node.destroy_node()
+
+
+def test_absolute_mode_publishes_no_twist_and_a_stop_never_reads_as_the_origin(policy):
+    absolute = {"translation_scale": 0.02, "rotation_scale": 0.05, "mode": "absolute", "source": "test"}
+    policy.config.action_convention = absolute
+    try:
+        h = Harness(policy)
+        try:
+            h.start_features()
+            h.instruct("open the drawer")
+            assert h.wait_for(lambda: any(not m.stop for _, m in h.actions), 5.0)
+            h.stop_features()
+            assert h.wait_for(lambda: h.actions[-1][1].stop, 3.0)
+            last_target = next(m for _, m in reversed(h.actions) if not m.stop)
+            stops = [m for _, m in h.actions if m.stop]
+            assert all(m.mode == "absolute" for _, m in h.actions) and not h.twists
+            assert all(
+                (m.translation.x, m.translation.y, m.translation.z)
+                == (last_target.translation.x, last_target.translation.y, last_target.translation.z)
+                for m in stops
+            ), "a stop repeats the last commanded target"
+            assert (last_target.translation.x, last_target.translation.y) != (0.0, 0.0)
+        finally:
+            h.close()
+    finally:
+        policy.config.action_convention = None

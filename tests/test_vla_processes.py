@@ -24,7 +24,7 @@ from omnistream_msgs.msg import EndEffectorAction, StreamFeatures  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.realtime]
 MAX_FEATURE_AGE = 0.5
-CONTROL_RATE = 10.0
+CONTROL_RATE = 10  # given as an integer on the command line, as users type it
 # Scheduling slack on a loaded 2-core machine (two model processes plus the test).
 SLACK = 0.25
 
@@ -104,7 +104,7 @@ def test_perception_and_vla_processes_turn_images_into_actions_and_stop(tmp_path
             assert perception.poll() is None and vla.poll() is None, "a node exited" + logs()
             frame += 1
             msg = rgb_to_image(np.random.default_rng(frame).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-            msg.header.stamp.sec, msg.header.stamp.nanosec = frame // 10, (frame % 10) * 100_000_000
+            msg.header.stamp = node.get_clock().now().to_msg()  # the features' age is measured from this stamp
             images.publish(msg)
             time.sleep(0.1)
         moving = [m for _, m in actions if not m.stop]
@@ -132,3 +132,26 @@ def test_perception_and_vla_processes_turn_images_into_actions_and_stop(tmp_path
         rclpy.try_shutdown()
         _stop(vla)
         _stop(perception)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (["max_feature_age:=.inf"], "max_feature_age must be a finite number"),
+        (["control_rate:=0.001"], "control_rate must be in [0.5, 1000]"),
+        (["translation_scale:=1.0"], "contradicts the policy"),
+    ],
+)
+def test_bad_vla_configurations_end_with_one_fatal_line_and_exit_2(tmp_path, params, message):
+    from omnistream_vla.policy.factory import init_policy
+
+    init_policy(tmp_path / "policy", preset="debug", backbone=None, seed=0)
+    args = [arg for p in [f"policy:={tmp_path / 'policy'}", *params] for arg in ("-p", p)]
+    result = subprocess.run(
+        [sys.executable, "-m", "omnistream_vla.vla_node", "--ros-args", *args],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ),
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output and message in output, output
+    assert len([line for line in output.splitlines() if "FATAL" in line]) == 1, output

@@ -121,7 +121,7 @@ def test_vla_node_reads_the_state_by_name_from_joint_states():
     from std_msgs.msg import String
 
     from omnistream_msgs.msg import EndEffectorAction, StreamFeatures
-    from omnistream_vla.stream_features import encode_patch_tokens
+    from omnistream_perception.features_codec import encode_patch_tokens
     from omnistream_vla.vla_node import VLANode
 
     policy = _policy()
@@ -152,7 +152,9 @@ def test_vla_node_reads_the_state_by_name_from_joint_states():
     def wait_for(predicate, timeout=10.0):
         end = time.monotonic() + timeout
         while time.monotonic() < end and not predicate():
-            features.publish(encode_patch_tokens(np.ones((2, 2, 64), np.float32), StreamFeatures(), "float32"))
+            msg = encode_patch_tokens(np.ones((2, 2, 64), np.float32), StreamFeatures(), "float32")
+            msg.header.stamp = node.get_clock().now().to_msg()  # a camera image's stamp: its age is measured from it
+            features.publish(msg)
             time.sleep(0.03)
         return predicate()
 

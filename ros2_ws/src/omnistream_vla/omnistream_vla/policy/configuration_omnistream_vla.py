@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..action_convention import ActionConvention
 from ..normalization import NORMALIZATION_MODES
 
 CONFIG_NAME = "config.json"
@@ -115,6 +116,10 @@ class OmniStreamVLAConfig:
 
     # --- normalisation of the arm dims (statistics saved with the policy) --------------------------------------
     normalization_mode: str = "min_max"  # identity | min_max | mean_std | quantiles (q01/q99)
+    # What the policy's action means, from its training data (``omnistream_vla.action_convention``): metres and
+    # radians per unit, relative or absolute, frame. None (policies saved before it existed): derived from the
+    # normalisation when the policy is used (``action_convention.derive_convention``).
+    action_convention: dict[str, Any] | None = None
 
     # --- optimiser (the recipe; read by the training code) ----------------------------------------------------
     lr: float = 2e-5
@@ -143,6 +148,8 @@ class OmniStreamVLAConfig:
             raise ValueError(
                 f"normalization_mode must be one of {NORMALIZATION_MODES}, got {self.normalization_mode!r}"
             )
+        if self.action_convention is not None:
+            self.action_convention = ActionConvention.from_dict(dict(self.action_convention)).to_dict()
         if self.llm_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"llm_dtype must be float32, bfloat16 or float16, got {self.llm_dtype!r}")
         if "{instruction}" not in self.prompt_template:

