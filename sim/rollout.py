@@ -66,8 +66,10 @@ def run_episode(
     max_steps: int,
     convert: ActionConverter | None = None,
     video_camera: str | None = None,
+    on_step: Callable[[int, dict, np.ndarray | None], None] | None = None,
 ) -> EpisodeResult:
-    """Run one episode from ``first_observation`` (already reset) until success, ``done`` or ``max_steps``."""
+    """Run one episode from ``first_observation`` (already reset) until success, ``done`` or ``max_steps``.
+    ``on_step(step, observation, executed_action)`` sees every observation (the last with None), e.g. a Rerun log."""
     start = time.perf_counter()
     policy.reset()
     obs = first_observation
@@ -81,12 +83,16 @@ def run_episode(
         policy_seconds += time.perf_counter() - t
         for action in chunk:
             env_action = convert(action) if convert is not None else action
+            if on_step is not None:
+                on_step(steps, obs, env_action)
             obs, success, done, _ = env.step(env_action)
             steps += 1
             if video_camera is not None:
                 frames.append(obs["images"][video_camera])
             if done or steps >= max_steps:
                 break
+    if on_step is not None:
+        on_step(steps, obs, None)
     return EpisodeResult(bool(success), steps, frames, time.perf_counter() - start, policy_seconds)
 
 
@@ -105,6 +111,7 @@ def evaluate_tabletop(
     progress: bool = True,
     convert: ActionConverter | None = None,
     needs_images: bool | None = None,
+    rerun: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``policy`` on the tabletop; episode ``i`` uses seed ``seed + i`` and task ``tasks[i % n]``.
 
@@ -113,6 +120,7 @@ def evaluate_tabletop(
     ``episode_offset`` selects a shard (episodes ``offset .. offset + episodes - 1``). Writes ``results.json``,
     ``report.md`` and ``videos/episode_XXXXXX.mp4`` for the first ``videos`` episodes when ``out_dir`` is given.
     Default tabletop episodes are held out from demonstrations by seed (demonstrations start at seed 0).
+    ``rerun``: an ``.rrd`` file that gets every episode's images, actions and success (``RolloutLog``).
     """
     from tqdm import tqdm
 
@@ -133,6 +141,11 @@ def evaluate_tabletop(
     video_paths: list[str] = []
     out = Path(out_dir) if out_dir is not None else None
     start = time.perf_counter()
+    rollout_log = None
+    if rerun is not None:
+        from omnistream_perception.visualization import RerunLog, RolloutLog
+
+        rollout_log = RolloutLog(RerunLog("omnistream_sim_eval", save=rerun))
     env = TabletopEnv(config)
     if hasattr(policy, "bind"):  # privileged policies (the scripted expert) read the env they drive
         policy.bind(env)
@@ -143,12 +156,17 @@ def evaluate_tabletop(
             task = task_names[index % len(task_names)]
             shown = TASKS[task_names[(index + 1) % len(task_names)]].instruction() if swap_instructions else None
             record_video = out is not None and index - episode_offset < videos
-            env.render_images = needs_images or record_video
+            env.render_images = needs_images or record_video or rollout_log is not None
             obs = env.reset(seed=seed + index, task=task, instruction=shown)
             if hasattr(policy, "set_episode_seed"):  # stochastic policies: per-episode streams, shard-independent
                 policy.set_episode_seed(seed + index)
+            if rollout_log is not None:
+                rollout_log.start_episode(index, task, env.instruction)
             result = run_episode(env, policy, obs, max_steps=config.max_steps, convert=convert or relative_action,
-                                 video_camera="static" if record_video else None)  # fmt: skip
+                                 video_camera="static" if record_video else None,
+                                 on_step=rollout_log.step if rollout_log is not None else None)  # fmt: skip
+            if rollout_log is not None:
+                rollout_log.end_episode(result.success, result.steps, task)
             record = {"episode": index, "seed": seed + index, "task": task, "instruction": env.instruction,
                       "success": result.success, "steps": result.steps, "seconds": round(result.seconds, 3),
                       "policy_ms_per_step": round(1000 * result.policy_seconds / max(result.steps, 1), 3)}  # fmt: skip
@@ -159,6 +177,8 @@ def evaluate_tabletop(
             bar.set_postfix(success=f"{sum(r['success'] for r in records) / len(records):.2f}")
     finally:
         env.close()
+        if rollout_log is not None:
+            rollout_log.log.close()
     seconds = time.perf_counter() - start
     results = build_results(
         records,

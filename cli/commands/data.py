@@ -77,6 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episode", type=int, default=0, help="episode index (default 0)")
     p.add_argument("--out", default=None, help="output .png or .mp4 (default episode_<k>.png in the current dir)")
     p.add_argument("--frames", type=int, default=6, help="frames shown in the PNG strip (default 6)")
+    p.add_argument("--rerun", default=None, metavar="FILE.rrd", help="log the episode to a Rerun file (no PNG)")
     p.set_defaults(handler=_view)
 
 
@@ -184,6 +185,16 @@ def _view(args: argparse.Namespace) -> int:
         ds = LeRobotDataset(Path(args.root), episodes=[args.episode], image_format="uint8_hwc")
     except (ValueError, FileNotFoundError) as exc:
         raise _user_error(exc) from exc
+    if args.rerun is not None:
+        from omnistream_perception.visualization import RerunLog, log_dataset_episode
+
+        if not args.rerun.endswith(".rrd"):
+            raise _user_error(ValueError(f"--rerun must name an .rrd file, got {args.rerun}"))
+        with RerunLog("omnistream_dataset", save=args.rerun) as log:
+            frames = log_dataset_episode(log, ds, args.episode)
+        print(f"wrote {args.rerun} ({frames} frames of episode {args.episode})")
+        if args.out is None:
+            return 0
     out = Path(args.out or f"episode_{args.episode}.png")
     if out.suffix.lower() not in (".png", ".mp4"):
         raise _user_error(ValueError(f"--out must end in .png or .mp4, got {out.name}"))
