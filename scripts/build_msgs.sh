@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the omnistream_msgs interface package against the ROS 2 wheels and installs it into the venv.
-# On a robot use `colcon build` instead; this is for machines with pip-only ROS (see docs/ros2-from-pypi).
+# On a robot use `colcon build` instead; this is for machines with pip-only ROS. README.md, "On a robot",
+# says how to run colcon against this venv too (AMENT_PREFIX_PATH / CMAKE_PREFIX_PATH).
 set -euo pipefail
 VENV=${VENV:-.venv}
 VENV=$(cd "$VENV" && pwd)

@@ -54,10 +54,12 @@ def test_launch_files_declare_the_nodes_and_params_files():
     assert ("image", "/cam/image_raw") in perception.remappings
     assert ("image/compressed", "/cam/image_raw/compressed") in perception.remappings
 
-    names = [(d.package, d.executable) for d in load_launch_file(default_launch_file(with_vla=True))]
+    declarations = load_launch_file(default_launch_file(with_vla=True), {"policy": "/policies/mine"})
+    names = [(d.package, d.executable) for d in declarations]
     assert names == [("omnistream_perception", "perception_node"), ("omnistream_vla", "vla_node")]
-    vla = load_launch_file(default_launch_file(with_vla=True))[1]
-    assert [Path(p) for p in vla.parameters] == [VLA_YAML]
+    vla = declarations[1]
+    assert [Path(p) for p in vla.parameters[:1]] == [VLA_YAML]
+    assert vla.parameters[1:] == [{"policy": "/policies/mine"}]
     assert ("features", "/perception_node/features") in vla.remappings
     with pytest.raises(ValueError, match="no launch argument"):
         load_launch_file(default_launch_file(with_vla=False), {"imagee": "/typo"})
@@ -87,6 +89,8 @@ def test_perception_launch_runs_in_one_process_with_its_params(ros_context, fixt
     assert node.get_parameter("feature_dtype").value == "float32"  # from the extra params file
     assert node.get_parameter("points_stride").value == 3  # from the override
     assert node.get_parameter("world_frame_id").value == "omnistream_world"  # from the launch file's YAML
+    # camera_info follows the image's namespace (RealSense: /camera/color/image_raw + /camera/color/camera_info).
+    assert {"/cam/image_raw", "/cam/camera_info"} <= {s.topic_name for s in node.subscriptions}
     tester = rclpy.create_node("bringup_tester", context=ros_context)
     executor, thread = spin_in_thread([node, tester], context=ros_context, num_threads=None)
     try:
@@ -122,9 +126,8 @@ def test_omnistream_launch_runs_perception_and_vla_in_one_process(ros_context, f
     policy_dir = tmp_path / "policy"
     OmniStreamVLAPolicy(OmniStreamVLAConfig.preset("debug", backbone=None)).save_pretrained(policy_dir)
     nodes = create_nodes(
-        load_launch_file(default_launch_file(with_vla=True)),
+        load_launch_file(default_launch_file(with_vla=True), {"policy": str(policy_dir), "checkpoint": str(fixture_a)}),
         context=ros_context,
-        overrides={"perception_node": {"checkpoint": str(fixture_a)}, "vla_node": {"policy": str(policy_dir)}},
     )
     tester = rclpy.create_node("bringup_vla_tester", context=ros_context)
     executor, thread = spin_in_thread([*nodes, tester], context=ros_context, num_threads=None)
@@ -140,7 +143,9 @@ def test_omnistream_launch_runs_perception_and_vla_in_one_process(ros_context, f
         pub = tester.create_publisher(Image, "/image", 10)
         wait_for(lambda: pub.get_subscription_count() > 0)
         for sec in range(1, 40):  # a 20 Hz camera for up to ~2 s
-            pub.publish(_image(sec))
+            image = _image(sec)
+            image.header.stamp = tester.get_clock().now().to_msg()  # vla_node measures feature age from the stamp
+            pub.publish(image)
             if any(not a.stop for a in actions):
                 break
             threading.Event().wait(0.05)
@@ -155,15 +160,20 @@ def test_omnistream_launch_runs_perception_and_vla_in_one_process(ros_context, f
 
 
 def test_cli_bringup_runs_the_perception_launch_file(fixture_a):
+    from omnistream_perception.transport import PROFILE_ENV_VARS, large_data_profile_path
+
+    env = {k: v for k, v in os.environ.items() if k not in PROFILE_ENV_VARS}
     result = subprocess.run(
         [sys.executable, "-m", "omnistream_cli.main", "bringup", "--checkpoint", str(fixture_a), "--duration", "1"],
         capture_output=True,
         text=True,
         timeout=120,
-        env=dict(os.environ),
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     assert "started omnistream_perception/perception_node as perception_node" in result.stdout
+    # The launch file's transport settings apply to the bringup process, as to a process ros2 launch starts.
+    assert f"sets {PROFILE_ENV_VARS[0]}={large_data_profile_path()}" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -174,6 +184,10 @@ def test_cli_bringup_runs_the_perception_launch_file(fixture_a):
         (["--arg", "imagee:=/typo"], "no launch argument"),
         (["--params", "missing.yaml"], "--params file not found"),
         (["--launch", "missing.launch.py"], "launch file not found"),
+        (["--with-vla"], "--with-vla needs --policy DIR"),
+        (["--with-vla", "--policy", "missing_policy"], "--policy missing_policy: no such directory"),
+        (["--policy", "missing_policy"], "add --with-vla"),
+        (["--arg", "params_file:=missing.yaml"], "params file not found: missing.yaml"),
     ],
 )
 def test_cli_bringup_bad_input_is_a_clear_error(argv, message, capsys):
@@ -181,3 +195,20 @@ def test_cli_bringup_bad_input_is_a_clear_error(argv, message, capsys):
 
     assert main(["bringup", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_bringup_offline_with_a_hub_checkpoint_fails_at_once(tmp_path):
+    """The params file's hub id, no network (an endpoint that refuses connections), an empty cache: exit 2 with
+    what to do, instead of half a minute of connection retries."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-m", "omnistream_cli.main", "bringup", "--duration", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "pass the local directory" in result.stderr.strip().splitlines()[-1]

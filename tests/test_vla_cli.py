@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,3 +58,30 @@ def test_bench_vla_writes_json(tmp_path):
     # The chunk queue: most steps only pop, so the amortised step is far cheaper than the worst one.
     assert r["step_ms_min"] < r["step_ms_max"] / 5
     assert r["tokenize_cached_ms"] < r["tokenize_ms"]
+
+
+def test_vla_init_on_a_truncated_backbone_is_one_clear_error(tmp_path, fixture_a, capsys):
+    backbone = tmp_path / "backbone"
+    shutil.copytree(fixture_a, backbone)
+    weights = backbone / "model.safetensors"
+    weights.chmod(0o644)
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted copy
+    assert main(["vla", "init", "--backbone", str(backbone), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(weights) in err  # names the damaged file
+
+
+def test_vla_init_offline_fails_at_once_saying_to_pass_a_local_directory(tmp_path):
+    """No network (a hub endpoint that refuses connections) and an empty cache: one line naming --llm, exit 2."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))  # port 9: nothing listens
+    result = subprocess.run(
+        [sys.executable, "-m", "omnistream_cli.main", "vla", "init", "--preset", "qwen2.5-0.5b",
+         "--out", str(tmp_path / "policy")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--llm DIR" in lines[0] and "Qwen/Qwen2.5-0.5B" in lines[0]

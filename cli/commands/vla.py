@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -45,6 +45,13 @@ def _init(args: argparse.Namespace) -> int:
         raise UserError(f"--backbone {args.backbone}: no such directory (or a hub id like org/name)")
     if args.stats is not None and not Path(args.stats).is_file():
         raise UserError(f"--stats {args.stats}: no such file")
+    llm_from_hub = args.preset != "debug" and not args.random_llm and not (args.llm and Path(args.llm).is_dir())
+    backbone_from_hub = args.backbone is not None and not Path(args.backbone).is_dir()
+    offline = False
+    if llm_from_hub or backbone_from_hub:
+        from omnistream_cli.hub import prefer_offline_when_unreachable
+
+        offline = prefer_offline_when_unreachable()  # before transformers is imported
     overrides = {}
     if args.chunk_size is not None:
         overrides["chunk_size"] = args.chunk_size
@@ -65,18 +72,33 @@ def _init(args: argparse.Namespace) -> int:
             seed=args.seed,
             **overrides,
         )
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
+    except (ValueError, OSError) as exc:  # a bad checkpoint file is a ValueError naming it
+        # transformers' OSError for an uncached hub model offline; the backbone's own errors say what to do.
+        if offline and llm_from_hub and type(exc) is OSError:
+            raise UserError(_offline_llm_message(args)) from exc
+        raise UserError(" ".join(str(exc).split())) from exc
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     print(f"wrote {args.preset} policy to {out} ({trainable / 1e6:.2f} M trainable parameters)")
     return 0
+
+
+def _offline_llm_message(args: argparse.Namespace) -> str:
+    from omnistream_cli.hub import hub_endpoint
+    from omnistream_vla.policy import OmniStreamVLAConfig
+
+    llm = args.llm or OmniStreamVLAConfig.preset(args.preset).llm
+    return (
+        f"the LLM {llm} of --preset {args.preset} is not in the local Hugging Face cache and {hub_endpoint()} "
+        f"cannot be reached: download it on a connected machine (`hf download {llm} --local-dir DIR`) and pass "
+        "--llm DIR (a local directory), or --random-llm for random weights of the same shape"
+    )
 
 
 def _info(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
     from omnistream_vla.policy import OmniStreamVLAConfig
 
     try:

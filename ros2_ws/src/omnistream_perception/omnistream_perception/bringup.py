@@ -3,8 +3,10 @@
 ``launch`` / ``launch_ros`` are not on PyPI (see ``../shared/specs/ros2-from-pypi.md``), so machines with
 pip-only ROS cannot run launch files. Our launch files stay thin (node declarations, launch arguments, a
 params YAML); this module executes ``generate_launch_description()`` with small recording stand-ins for the
-few launch classes they use (``LaunchRecorderStandIn``), then constructs the declared nodes in this process
-with the same parameters files and remappings, passed as ROS arguments exactly as ``ros2 launch`` would.
+few launch classes they use (``LaunchRecorderStandIn``: launch arguments, ``OpaqueFunction``,
+``SetEnvironmentVariable``, ``launch_ros`` ``Node``), then constructs the declared nodes in this process with the
+same parameters files and remappings, passed as ROS arguments exactly as ``ros2 launch`` would, after applying
+the environment the launch file sets.
 
 Node classes are found from the console-script entry point of ``package``/``executable`` (the one rclpy
 ``Node`` subclass defined in that module). They must accept ``node_name=...`` and rclpy ``Node`` keyword
@@ -28,7 +30,6 @@ from typing import Any
 
 _SRC = Path(__file__).resolve().parents[2]  # ros2_ws/src in a checkout
 REPO_ROOT = _SRC.parents[1]
-LAUNCH_DIR = REPO_ROOT / "launch"
 
 
 @dataclass
@@ -70,6 +71,14 @@ class _LaunchConfiguration:
     def __init__(self, name: str, default: Any = None):
         self.name, self.default = name, default
 
+    def perform(self, context: _LaunchContext) -> str:
+        return str(_resolve(self, context.launch_configurations))
+
+
+@dataclass
+class _LaunchContext:
+    launch_configurations: dict[str, str]
+
 
 def _resolve(value: Any, arguments: dict[str, str]) -> Any:
     if isinstance(value, _LaunchConfiguration):
@@ -80,6 +89,8 @@ def _resolve(value: Any, arguments: dict[str, str]) -> Any:
         raise ValueError(f"launch argument {value.name!r} has no value: pass {value.name}:=VALUE")
     if isinstance(value, list):  # a list of substitutions concatenates
         return "".join(str(_resolve(v, arguments)) for v in value)
+    if isinstance(value, dict):  # a node's parameter dict
+        return {k: _resolve(v, arguments) for k, v in value.items()}
     return value
 
 
@@ -90,6 +101,8 @@ class LaunchRecorderStandIn:
     def __init__(self) -> None:
         self.arguments: dict[str, Any] = {}
         self.nodes: list[dict[str, Any]] = []
+        self.environment: list[tuple[Any, Any]] = []
+        self.functions: list[Any] = []  # OpaqueFunction callables, run once the arguments are known
 
     def modules(self) -> dict[str, types.ModuleType]:
         recorder = self
@@ -114,10 +127,20 @@ class LaunchRecorderStandIn:
                 )
                 recorder.nodes.append(self.spec)
 
+        class OpaqueFunction:
+            def __init__(self, function, args=None, kwargs=None, **_):
+                recorder.functions.append(lambda context: function(context, *(args or ()), **(kwargs or {})))
+
+        class SetEnvironmentVariable:
+            def __init__(self, name, value, **_):
+                recorder.environment.append((name, value))
+
         launch = types.ModuleType("launch")
         launch.LaunchDescription = LaunchDescription
         actions = types.ModuleType("launch.actions")
         actions.DeclareLaunchArgument = DeclareLaunchArgument
+        actions.OpaqueFunction = OpaqueFunction
+        actions.SetEnvironmentVariable = SetEnvironmentVariable
         substitutions = types.ModuleType("launch.substitutions")
         substitutions.LaunchConfiguration = _LaunchConfiguration
         launch.actions, launch.substitutions = actions, substitutions
@@ -139,9 +162,11 @@ def package_share_directory(package: str) -> str:
     source = _SRC / package
     if (source / "package.xml").is_file():
         return str(source)
-    from ament_index_python.packages import get_package_share_directory
+    import ament_index_python.packages as ament_packages
 
-    return get_package_share_directory(package)
+    # While launch files run, the module attribute is this function (see _launch_stand_ins): use the real one.
+    lookup = getattr(package_share_directory, "ament_lookup", None) or ament_packages.get_package_share_directory
+    return lookup(package)
 
 
 @contextlib.contextmanager
@@ -151,11 +176,13 @@ def _launch_stand_ins(recorder: LaunchRecorderStandIn):
     saved = {name: sys.modules.get(name) for name in recorder.modules()}
     sys.modules.update(recorder.modules())
     real_lookup = ament_packages.get_package_share_directory
+    package_share_directory.ament_lookup = real_lookup
     ament_packages.get_package_share_directory = package_share_directory
     try:
         yield
     finally:
         ament_packages.get_package_share_directory = real_lookup
+        package_share_directory.ament_lookup = None
         for name, module in saved.items():
             if module is None:
                 sys.modules.pop(name, None)
@@ -163,7 +190,16 @@ def _launch_stand_ins(recorder: LaunchRecorderStandIn):
                 sys.modules[name] = module
 
 
-def load_launch_file(path: str | Path, arguments: dict[str, str] | None = None) -> list[NodeDeclaration]:
+class LaunchDeclarations(list):
+    """The nodes a launch file declares (a list of ``NodeDeclaration``) and the environment it sets."""
+
+    def __init__(self, nodes=(), environment: dict[str, str] | None = None, arguments: dict[str, str] | None = None):
+        super().__init__(nodes)
+        self.environment = dict(environment or {})
+        self.arguments = dict(arguments or {})  # every launch argument's value (given or default)
+
+
+def load_launch_file(path: str | Path, arguments: dict[str, str] | None = None) -> LaunchDeclarations:
     """The nodes ``path`` declares, with launch arguments resolved (``arguments`` override the defaults)."""
     path = Path(path)
     if not path.is_file():
@@ -174,14 +210,22 @@ def load_launch_file(path: str | Path, arguments: dict[str, str] | None = None) 
         if "generate_launch_description" not in namespace:
             raise ValueError(f"{path} has no generate_launch_description()")
         namespace["generate_launch_description"]()
-    unknown = set(arguments or {}) - set(recorder.arguments)
-    if unknown:
-        raise ValueError(
-            f"{path.name} has no launch argument(s) {sorted(unknown)}; it has {sorted(recorder.arguments)}"
-        )
-    values = {k: _resolve(v, {}) for k, v in recorder.arguments.items() if v is not None}
-    values.update(arguments or {})
-    declarations = []
+        unknown = set(arguments or {}) - set(recorder.arguments)
+        if unknown:
+            raise ValueError(
+                f"{path.name} has no launch argument(s) {sorted(unknown)}; it has {sorted(recorder.arguments)}"
+            )
+        values = {k: str(_resolve(v, {})) for k, v in recorder.arguments.items() if v is not None}
+        values.update(arguments or {})
+        missing = sorted(set(recorder.arguments) - set(values))
+        if missing:
+            raise ValueError(f"{path.name} needs launch argument(s) {missing}: pass NAME:=VALUE")
+        for function in recorder.functions:
+            function(_LaunchContext(dict(values)))
+    declarations = LaunchDeclarations(
+        environment={str(_resolve(k, values)): str(_resolve(v, values)) for k, v in recorder.environment},
+        arguments=values,
+    )
     for spec in recorder.nodes:
         declarations.append(
             NodeDeclaration(
@@ -240,19 +284,37 @@ def create_nodes(
 
 
 def spin_nodes(nodes: list, context=None, duration: float | None = None, stop: threading.Event | None = None) -> None:
-    """Spin ``nodes`` on a MultiThreadedExecutor until ``duration`` seconds pass, ``stop`` is set or Ctrl-C."""
-    from rclpy.executors import MultiThreadedExecutor
+    """Spin ``nodes`` on a MultiThreadedExecutor until ``duration`` seconds pass, ``stop`` is set or the context is
+    shut down (rclpy's SIGINT/SIGTERM handlers do that); callbacks in flight finish before it returns."""
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 
+    from .node_main import CALLBACK_DRAIN_S
+
+    context = context if context is not None else rclpy.get_default_context()
     executor = MultiThreadedExecutor(context=context)
     for node in nodes:
         executor.add_node(node)
     deadline = None if duration is None else time.monotonic() + duration
     try:
-        while (deadline is None or time.monotonic() < deadline) and not (stop is not None and stop.is_set()):
-            executor.spin_once(timeout_sec=0.1)
+        while context.ok() and not (stop is not None and stop.is_set()):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            try:
+                executor.spin_once(timeout_sec=0.1)
+            except ExternalShutdownException:
+                break
+            except Exception:
+                # A signal can shut the context down between the ok() check and the wait's timer creation.
+                if context.ok():
+                    raise
+                break
     finally:
-        executor.shutdown()
+        executor.shutdown(timeout_sec=CALLBACK_DRAIN_S)
 
 
 def default_launch_file(with_vla: bool) -> Path:
-    return LAUNCH_DIR / ("omnistream.launch.py" if with_vla else "perception.launch.py")
+    """The launch file that ``ros2 launch`` would run: perception only, or perception + VLA (omnistream_vla)."""
+    if with_vla:
+        return Path(package_share_directory("omnistream_vla")) / "launch" / "omnistream.launch.py"
+    return Path(package_share_directory("omnistream_perception")) / "launch" / "perception.launch.py"

@@ -1,17 +1,27 @@
 """The one ``main()`` every OmniStream node runs: init, spin on a multi-threaded executor, exit cleanly.
 
-Ctrl-C and an external shutdown end the process with 0; a configuration error raised while the node is built
-(bad parameter, missing checkpoint or policy) is logged as one FATAL line and ends it with 2, so a launch file
-or a shell script sees the failure instead of a traceback.
+SIGINT and SIGTERM (Ctrl-C, ``docker stop``, systemd, a script's ``kill``) end the process with 0: rclpy's own
+signal handlers (installed by ``rclpy.init``) shut the context down, which wakes the executor; the callbacks in
+flight finish, ``on_exit`` runs (the recorder writes its buffer) and the node is destroyed, in that order. A
+signal that arrives while the node is still being built (a model loading) ends the start-up the same way. A
+configuration error raised while the node is built (bad parameter, missing checkpoint, policy or params file) is
+logged as one FATAL line and ends it with 2, so a launch file or a shell script sees the failure instead of a
+traceback.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import rclpy
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
+
+# Longest wait for callbacks in flight (one policy step, one recorder write) once a stop is requested; a
+# perception frame in flight is waited for by the node's own destroy_node().
+CALLBACK_DRAIN_S = 2.0
 
 
 def run_node(
@@ -23,8 +33,19 @@ def run_node(
 ) -> int:
     """Builds the node with ``make_node()`` and spins it until shutdown; ``on_exit(node)`` runs before it is
     destroyed (e.g. the recorder writes its buffer)."""
-    rclpy.init(args=args)
+    logger = rclpy.logging.get_logger(logger_name)
+    problem = params_file_problem(sys.argv if args is None else args)
+    if problem is not None:  # rcl would log its own ERROR line before ours: say it once, plainly
+        logger.fatal(problem)
+        return 2
+    try:
+        rclpy.init(args=args)
+    except Exception as exc:  # a missing --params-file or malformed --ros-args is rejected by rcl here
+        logger.fatal(_one_line(exc))
+        return 2
+    context = rclpy.get_default_context()
     node = None
+    executor = None
     try:
         node = make_node()
         executor = MultiThreadedExecutor(num_threads=num_threads)
@@ -33,12 +54,39 @@ def run_node(
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, OSError) as exc:
-        rclpy.logging.get_logger(logger_name).fatal(str(exc))
-        return 2
+        if context.ok():
+            logger.fatal(_one_line(exc))
+            return 2
+    except Exception:
+        # A signal during start-up shuts the context down under the constructor, which then fails creating its
+        # next publisher or timer: that is a requested stop, not an error.
+        if context.ok():
+            raise
     finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=CALLBACK_DRAIN_S)
         if node is not None:
             if on_exit is not None:
                 on_exit(node)
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def params_file_problem(argv: list[str]) -> str | None:
+    """Why a ``--params-file`` among the ROS arguments of ``argv`` cannot be read, or None."""
+    in_ros_args = False
+    for i, token in enumerate(argv):
+        if token == "--ros-args":
+            in_ros_args = True
+        elif token == "--":
+            in_ros_args = False
+        elif in_ros_args and token == "--params-file" and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+            if not path.is_file():
+                return f"params file not found: {path} (--params-file)"
+    return None

@@ -1,1 +1,0 @@
-../../../../launch/omnistream.launch.py
