@@ -139,7 +139,8 @@ def _torchrun(out: Path, *extra: str) -> None:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     omnistream = shutil.which("omnistream") or str(Path(sys.executable).with_name("omnistream"))
     cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), omnistream, "train", "pretrain",
-           "--preset", "debug", "--max-steps", "20", "--out", str(out), "--threads", "1", "--no-progress", *extra]  # fmt: skip
+           "--preset", "debug", "--max-steps", "20", "--batch-size", "4", "--out", str(out), "--threads", "1", "--no-progress",
+           *extra]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

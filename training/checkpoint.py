@@ -103,3 +103,107 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     found = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
     return found[-1] if found else None
+
+
+# ------------------------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP2): torch.distributed.checkpoint, every rank writes its own shards
+# ------------------------------------------------------------------------------------------------------
+SHARDS_NAME = "shards"  # the DCP directory inside step-N/ (its .metadata says which rank holds what)
+
+
+def is_sharded_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / SHARDS_NAME / ".metadata").is_file()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _dcp_state(modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {f"model.{name}": get_model_state_dict(m) for name, m in modules.items()}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(modules["student"], optimizer)
+    return state
+
+
+def save_sharded_checkpoint(
+    directory: str | Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    scalars: dict[str, Any],
+    rank: int,
+    keep: int | None = None,
+) -> Path:
+    """A collective: every rank writes its shards of the modules and of the optimiser (``optimizer`` must
+    belong to ``modules["student"]``) into ``step-N/shards`` and its RNG into ``rng.rank<r>.safetensors``;
+    rank 0 writes ``trainer_state.json`` and renames the finished directory into place (shared filesystem)."""
+    import torch.distributed.checkpoint as dcp
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    dcp.save(_dcp_state(modules, optimizer), checkpoint_id=str(tmp / SHARDS_NAME))
+    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / f"rng.rank{rank}.safetensors"))
+    _barrier()
+    if rank == 0:
+        payload = dict(scalars, format="dcp")
+        (tmp / STATE_NAME).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+        if keep:
+            siblings = sorted(p for p in directory.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+            for old in siblings[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return directory
+
+
+def load_sharded_checkpoint(
+    directory: str | Path,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    rank: int,
+) -> dict[str, Any]:
+    """Restores sharded modules, optimiser and this rank's RNG in place (a collective); returns the scalars."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    directory = Path(directory)
+    if not is_sharded_checkpoint(directory):
+        raise FileNotFoundError(
+            f"{directory} is not a sharded (--fsdp) checkpoint; resume it without --fsdp, or pass a checkpoint "
+            "written with --fsdp"
+        )
+    scalars = json.loads((directory / STATE_NAME).read_text())
+    state = _dcp_state(modules, optimizer)
+    dcp.load(state, checkpoint_id=str(directory / SHARDS_NAME))
+    for name, module in modules.items():
+        set_model_state_dict(module, state[f"model.{name}"])
+    if optimizer is not None:
+        set_optimizer_state_dict(modules["student"], optimizer, state["optimizer"])
+    rng = directory / f"rng.rank{rank}.safetensors"
+    if rng.is_file():
+        torch.set_rng_state(load_file(str(rng))["torch_cpu"])
+    return scalars
+
+
+def load_sharded_weights(directory: str | Path, name: str, module: torch.nn.Module) -> None:
+    """One module's weights out of a sharded checkpoint into a plain module, in ONE process (no torchrun):
+    how a sharded run's state is inspected or compared on a single machine."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {f"model.{name}": module.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(Path(directory) / SHARDS_NAME), no_dist=True)
+    module.load_state_dict(state[f"model.{name}"])

@@ -52,13 +52,23 @@ def run_head_probing(
     resume: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    parallel=None,
 ) -> dict:
-    """Trains the heads; saves them into ``save_to`` (default: the checkpoint directory itself)."""
+    """Trains the heads; saves them into ``save_to`` (default: the checkpoint directory itself).
+    ``parallel``: ``distributed.ParallelOptions`` (FSDP2 shards the frozen backbone too; only the heads have
+    gradients and optimiser state)."""
     from .pretrain import run_pretraining
 
     target = Path(save_to) if save_to else Path(checkpoint)
     if not save_to and not Path(checkpoint).is_dir():
         raise ValueError(f"{checkpoint} is not a local directory: pass --save-to DIR to choose where the heads go")
     return run_pretraining(
-        config, out_dir, resume=resume, device=device, progress=progress, export_dir=target, heads_only=True
+        config,
+        out_dir,
+        resume=resume,
+        device=device,
+        progress=progress,
+        export_dir=target,
+        heads_only=True,
+        parallel=parallel,
     )

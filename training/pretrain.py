@@ -8,8 +8,12 @@ One optimiser step interleaves the enabled tasks with gradient accumulation, the
     captioning on images   ->  backward(L_cap)        (projector + Qwen3, gradients into the backbone)
     all-reduce gradients (mean over ranks), clip, Adam step (warm-up + cosine, no weight decay), EMA teacher
 
-Randomness (data order, crops, masks, RoPE rescaling) is drawn from a generator seeded by (seed, step,
-rank), so a run resumed from a checkpoint repeats the uninterrupted run exactly.
+Every batch size is GLOBAL: each of the world x accumulation micro-batches of a step is one slice of it
+(``distributed.micro_batch``). Randomness (data order, crops, masks) is drawn from a generator seeded by (seed,
+step, slice), the RoPE rescaling by (seed, step), so a run resumed from a checkpoint repeats the uninterrupted run
+exactly, and 1 process x accumulation 2 reads what 2 processes read. With ``ParallelOptions(fsdp=True)`` the
+student, teacher and Gram teacher are FSDP2-sharded per block (``distributed.shard_module``), checkpoints are
+sharded (``torch.distributed.checkpoint``) and the export is gathered into the usual safetensors layout.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 from omnistream_perception.model import IMAGENET_MEAN, IMAGENET_STD, OmniStreamModel
 
 from .augment import multiblock_masks, random_patch_masks, random_resized_crop, rope_coordinate_scale
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint
 from .config import PretrainConfig, warmup_cosine
 from .data import (
     CaptionJSONL,
@@ -41,12 +45,15 @@ from .data import (
 )
 from .distributed import (
     DistributedContext,
-    average_gradients,
-    broadcast_parameters,
+    ParallelEngine,
+    ParallelOptions,
+    full_state_dict,
     gather_strings,
     init_distributed,
+    local_state_bytes,
     mean_across_ranks,
     shutdown_distributed,
+    state_digest,
     weights_digest,
 )
 from .geometry_targets import normalised_geometry_targets
@@ -142,28 +149,61 @@ class PretrainData:
 # ------------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------------
+# (objective switch, config field of its global batch, data stream id)
+_STREAMS = (("ssl_images", "batch_images", 1), ("ssl_videos", "batch_videos", 2), ("geometry", "batch_geometry", 3),
+            ("captioning", "batch_captions", 4))  # fmt: skip
+
+
+def build_student(config: PretrainConfig) -> nn.ModuleDict:
+    """The trained modules (backbone, SSL heads, geometry heads, captioner), seeded by ``config.seed``."""
+    from omnistream_perception.model.heads import GeometryHeads, GeometryHeadsConfig
+
+    from .captioning import Captioner
+
+    torch.manual_seed(config.seed)
+    backbone = build_backbone(config)
+    config.validate(backbone.config.patch_size)
+    dim = backbone.config.hidden_size
+    student = nn.ModuleDict({"backbone": backbone})
+    if config.ssl_images or config.ssl_videos:
+        student["dino_head"] = DINOHead(dim, config.head_hidden, config.head_bottleneck, config.prototypes)
+        student["ibot_head"] = DINOHead(dim, config.head_hidden, config.head_bottleneck, config.prototypes)
+    if config.geometry:
+        heads_cfg = GeometryHeadsConfig.for_backbone(dim, backbone.config.depth, config.heads_size)
+        student["geometry_heads"] = GeometryHeads(heads_cfg)
+    if config.captioning:
+        student["captioner"] = Captioner(dim, config.captioner, seed=config.seed)
+    return student
+
+
 class Pretrainer:
-    def __init__(self, config: PretrainConfig, out_dir: str | Path, ctx: DistributedContext | None = None) -> None:
-        from omnistream_perception.model.heads import GeometryHeads, GeometryHeadsConfig
-
-        from .captioning import Captioner
-
+    def __init__(
+        self,
+        config: PretrainConfig,
+        out_dir: str | Path,
+        ctx: DistributedContext | None = None,
+        parallel: ParallelOptions | None = None,
+    ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
         self.ctx = ctx or DistributedContext()
-        torch.manual_seed(config.seed)
-        backbone = build_backbone(config)
-        config.validate(backbone.config.patch_size)
-        dim = backbone.config.hidden_size
-        student = nn.ModuleDict({"backbone": backbone})
-        if config.ssl_images or config.ssl_videos:
-            student["dino_head"] = DINOHead(dim, config.head_hidden, config.head_bottleneck, config.prototypes)
-            student["ibot_head"] = DINOHead(dim, config.head_hidden, config.head_bottleneck, config.prototypes)
-        if config.geometry:
-            heads_cfg = GeometryHeadsConfig.for_backbone(dim, backbone.config.depth, config.heads_size)
-            student["geometry_heads"] = GeometryHeads(heads_cfg)
-        if config.captioning:
-            student["captioner"] = Captioner(dim, config.captioner, seed=config.seed)
+        self.engine = ParallelEngine(self.ctx, parallel)
+        self.parallel = self.engine.options
+        accum = self.parallel.grad_accum
+        self.micro: dict[str, int] = {}
+        for switch, field_name, _ in _STREAMS:
+            if getattr(config, switch):
+                what = f"{field_name.replace('_', ' ')} (--batch-size)"
+                self.micro[field_name] = self.engine.micro_batch(getattr(config, field_name), what)
+        for switch, field_name in (("ssl_images", "batch_images"), ("ssl_videos", "batch_videos")):
+            if getattr(config, switch) and self.micro[field_name] < 2:
+                raise ValueError(
+                    f"self-distillation needs >= 2 samples per micro-batch (KoLeo's nearest neighbour): the global "
+                    f"{field_name} {getattr(config, field_name)} over {self.ctx.world_size} process(es) x "
+                    f"accumulation {accum} leaves {self.micro[field_name]}; raise --batch-size"
+                )
+        student = build_student(config)
+        backbone = student["backbone"]
         if config.freeze_backbone:
             backbone.requires_grad_(False).eval()
         self.student = student.to(self.ctx.device).train()
@@ -176,11 +216,10 @@ class Pretrainer:
             self.teacher.requires_grad_(False).eval()
             if config.gram and config.ssl_images:
                 self.gram_teacher = copy.deepcopy(backbone).requires_grad_(False).eval()
-        broadcast_parameters(self.student, self.ctx)
-        if self.teacher is not None:
-            broadcast_parameters(self.teacher, self.ctx)
-        if self.gram_teacher is not None:
-            broadcast_parameters(self.gram_teacher, self.ctx)
+        # every module called on its own is prepared (and, under FSDP, sharded) as its own root; the optimiser
+        # is built afterwards, on the shards
+        teachers = list(self.teacher.values()) if self.teacher is not None else []
+        self.engine.prepare(*self.student.values(), *teachers, self.gram_teacher)
         self.params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(0.9, 0.999), weight_decay=0.0)
         self.data = PretrainData(config)
@@ -200,16 +239,9 @@ class Pretrainer:
         return mods
 
     def save(self) -> Path | None:
-        if not self.ctx.is_main:
-            return None
         directory = self.out_dir / "checkpoints" / f"step-{self.step:06d}"
-        scalars = {
-            "step": self.step,
-            "world_size": self.ctx.world_size,
-            "config": self.config.to_dict(),
-            "lr": self.current_lr(),
-        }
-        return save_checkpoint(directory, self.modules(), self.optimizer, scalars, keep=self.config.keep_checkpoints)
+        scalars = {"step": self.step, "config": self.config.to_dict(), "lr": self.current_lr()}
+        return self.engine.save(directory, self.modules(), self.optimizer, scalars, self.config.keep_checkpoints)
 
     def resume(self, checkpoint: str | Path) -> int:
         path = Path(checkpoint)
@@ -218,12 +250,7 @@ class Pretrainer:
             if found is None:
                 raise FileNotFoundError(f"no checkpoint below {path}")
             path = found
-        scalars = load_checkpoint(path, self.modules(), self.optimizer)
-        if scalars.get("world_size", 1) != self.ctx.world_size:
-            raise ValueError(
-                f"{path} was written by {scalars['world_size']} processes; resume with the same number "
-                f"(got {self.ctx.world_size}) so that data order and batch statistics match"
-            )
+        scalars = self.engine.load(path, self.modules(), self.optimizer)
         self.step = int(scalars["step"])
         return self.step
 
@@ -305,53 +332,30 @@ class Pretrainer:
 
     def train_step(self) -> dict[str, float]:
         c, ctx, step = self.config, self.ctx, self.step
-        gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step * 1009 + ctx.rank)
-        rope = rope_coordinate_scale(gen) if c.rope_rescaling else None
+        accum = self.engine.grad_accum
+        slots = self.engine.slots()
+        base_seed = c.seed * 1_000_003 + step * 1009
+        # one RoPE rescaling per step for the whole global batch (the first draw of slice 0's stream)
+        rope = rope_coordinate_scale(torch.Generator().manual_seed(base_seed)) if c.rope_rescaling else None
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        logs: dict[str, float] = {}
-        total = 0.0
-        n_ssl = int(c.ssl_images) + int(c.ssl_videos)
-        ssl_sum = 0.0
-        data = self.data
-        if c.ssl_images:
-            batch = data.batch(data.images, step, ctx.rank, ctx.world_size, c.batch_images, c.seed, 1)
-            terms = self._ssl(batch["rgb"], gen, rope, video=False)
-            (c.lambda_ssl * terms["ssl"] / n_ssl).backward()
-            ssl_sum += terms["ssl"].item()
-            for key in ("dino", "ibot", "koleo", "gram"):
-                if key in terms:
-                    logs[f"img_{key}"] = terms[key].item()
-        if c.ssl_videos:
-            batch = data.batch(data.videos, step, ctx.rank, ctx.world_size, c.batch_videos, c.seed, 2)
-            terms = self._ssl(batch["rgb"], gen, rope, video=True)
-            (c.lambda_ssl * terms["ssl"] / n_ssl).backward()
-            ssl_sum += terms["ssl"].item()
-            for key in ("dino", "ibot", "koleo"):
-                logs[f"vid_{key}"] = terms[key].item()
-        if n_ssl:
-            logs["ssl"] = ssl_sum / n_ssl
-            total += c.lambda_ssl * logs["ssl"]
-        if c.geometry:
-            batch = data.batch(data.clips, step, ctx.rank, ctx.world_size, c.batch_geometry, c.seed, 3)
-            terms = self._geometry(batch, rope)
-            (c.lambda_geo * terms["geo"]).backward()
-            for key, value in terms.items():
-                logs[key] = value.item()
-            total += c.lambda_geo * logs["geo"]
-        if c.captioning:
-            batch = data.batch(data.captions, step, ctx.rank, ctx.world_size, c.batch_captions, c.seed, 4)
-            loss = self._caption(batch, rope)
-            (c.lambda_cap * loss).backward()
-            logs["cap"] = loss.item()
-            total += c.lambda_cap * logs["cap"]
-        logs["loss"] = total
-        average_gradients(self.params, ctx)
-        if c.grad_clip:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip))
+        sums: dict[str, float] = {}
+        for micro in range(accum):
+            slot = self.engine.slot(micro)
+            gen = torch.Generator().manual_seed(base_seed + slot)
+            if c.rope_rescaling:
+                rope_coordinate_scale(gen)  # every slice's stream continues where slice 0's RoPE draw left it
+            for key, value in self._micro_step(gen, rope, slot, slots, 1.0 / accum).items():
+                sums[key] = sums.get(key, 0.0) + value / accum
+        logs = sums
+        norm = self.engine.finish_gradients(self.params, c.grad_clip)
+        if norm is not None:
+            logs["grad_norm"] = norm
         self.optimizer.step()
+        # no-backward forwards (teachers, a frozen backbone) leave FSDP roots' whole weights gathered
+        self.engine.after_step(self.student, self.teacher, self.gram_teacher)
         if self.teacher is not None:
             ema_update(self.teacher, nn.ModuleDict({k: self.student[k] for k in self.teacher}), self.ema_momentum())
         self.step += 1
@@ -359,15 +363,79 @@ class Pretrainer:
         logs["lr"] = lr
         return logs
 
+    def _micro_step(self, gen: torch.Generator, rope, slot: int, slots: int, scale: float) -> dict[str, float]:
+        """Forward + backward of every enabled objective on slice ``slot`` of the global batch (gradients
+        scaled by ``scale`` = 1 / accumulation); returns the slice's logged values."""
+        c, step, data, micro = self.config, self.step, self.data, self.micro
+        logs: dict[str, float] = {}
+        total = 0.0
+        n_ssl = int(c.ssl_images) + int(c.ssl_videos)
+        ssl_sum = 0.0
+        if c.ssl_images:
+            batch = data.batch(data.images, step, slot, slots, micro["batch_images"], c.seed, 1)
+            terms = self._ssl(batch["rgb"], gen, rope, video=False)
+            self._backward(scale * c.lambda_ssl * terms["ssl"] / n_ssl)
+            ssl_sum += terms["ssl"].item()
+            for key in ("dino", "ibot", "koleo", "gram"):
+                if key in terms:
+                    logs[f"img_{key}"] = terms[key].item()
+        if c.ssl_videos:
+            batch = data.batch(data.videos, step, slot, slots, micro["batch_videos"], c.seed, 2)
+            terms = self._ssl(batch["rgb"], gen, rope, video=True)
+            self._backward(scale * c.lambda_ssl * terms["ssl"] / n_ssl)
+            ssl_sum += terms["ssl"].item()
+            for key in ("dino", "ibot", "koleo"):
+                logs[f"vid_{key}"] = terms[key].item()
+        if n_ssl:
+            logs["ssl"] = ssl_sum / n_ssl
+            total += c.lambda_ssl * logs["ssl"]
+        if c.geometry:
+            batch = data.batch(data.clips, step, slot, slots, micro["batch_geometry"], c.seed, 3)
+            terms = self._geometry(batch, rope)
+            self._backward(scale * c.lambda_geo * terms["geo"])
+            for key, value in terms.items():
+                logs[key] = value.item()
+            total += c.lambda_geo * logs["geo"]
+        if c.captioning:
+            batch = data.batch(data.captions, step, slot, slots, micro["batch_captions"], c.seed, 4)
+            loss = self._caption(batch, rope)
+            self._backward(scale * c.lambda_cap * loss)
+            logs["cap"] = loss.item()
+            total += c.lambda_cap * logs["cap"]
+        logs["loss"] = total
+        return logs
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, self.student)
+
+    def state_bytes(self) -> dict[str, int]:
+        """This rank's parameter (student, teacher, Gram teacher), gradient and optimiser bytes."""
+        modules = [self.student] + [m for m in (self.teacher, self.gram_teacher) if m is not None]
+        return local_state_bytes(modules, self.optimizer)
+
+    def consolidated_student(self) -> nn.ModuleDict | None:
+        """The student as plain modules with the whole weights (a collective under FSDP: every rank calls it;
+        rank 0 gets the modules, the others None). Without FSDP: the student itself."""
+        if not self.parallel.fsdp:
+            return self.student
+        state = full_state_dict(self.student)
+        if not self.ctx.is_main:
+            return None
+        plain = build_student(self.config)
+        plain.load_state_dict(state)
+        return plain
+
     # -- export -----------------------------------------------------------------------------------------
-    def export(self, directory: str | Path) -> Path:
-        """The backbone (authors' layout) with the geometry heads beside it, and the captioner."""
+    def export(self, directory: str | Path, student: nn.ModuleDict | None = None) -> Path:
+        """The backbone (authors' layout) with the geometry heads beside it, and the captioner (of ``student``,
+        default this trainer's plain student; a sharded run passes ``consolidated_student()``)."""
         directory = Path(directory)
-        self.student["backbone"].save_pretrained(directory)
-        if "geometry_heads" in self.student:
-            self.student["geometry_heads"].save_pretrained(directory)
-        if "captioner" in self.student:
-            self.student["captioner"].save_pretrained(directory / "captioner")
+        student = student if student is not None else self.student
+        student["backbone"].save_pretrained(directory)
+        if "geometry_heads" in student:
+            student["geometry_heads"].save_pretrained(directory)
+        if "captioner" in student:
+            student["captioner"].save_pretrained(directory / "captioner")
         return directory
 
 
@@ -379,15 +447,18 @@ def run_pretraining(
     progress: bool = True,
     export_dir: str | Path | None = None,
     heads_only: bool = False,
+    parallel: ParallelOptions | None = None,
 ) -> dict:
     """The whole command: train, checkpoint every ``save_every`` steps, export to ``export_dir``
-    (default ``<out>/backbone``); ``heads_only`` writes just the geometry heads there (head probing)."""
+    (default ``<out>/backbone``); ``heads_only`` writes just the geometry heads there (head probing).
+    ``parallel``: FSDP2 and gradient accumulation (``distributed.ParallelOptions``); ``summary.json`` records
+    each rank's parameter + gradient + optimiser bytes (``per_rank_state_bytes``)."""
     from tqdm.auto import tqdm
 
     ctx = init_distributed(device)
     try:
         out = Path(out_dir)
-        trainer = Pretrainer(config, out, ctx)
+        trainer = Pretrainer(config, out, ctx, parallel)
         start = trainer.resume(resume) if resume else 0
         logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=start if resume else None)
         if ctx.is_main:
@@ -413,24 +484,41 @@ def run_pretraining(
         if config.save_every and trainer.step % config.save_every:
             trainer.save()
         seconds = time.perf_counter() - began
-        # every rank's weights fingerprint, so a run can show the replicas never drifted apart
-        digests = gather_strings(weights_digest(trainer.student), ctx)
+        state_bytes = [json.loads(b) for b in gather_strings(json.dumps(trainer.state_bytes()), ctx)]
+        plain = trainer.consolidated_student()  # a collective under FSDP
+        if trainer.parallel.fsdp:
+            # one set of whole weights exists only once gathered: its fingerprint stands for every rank
+            digests = [state_digest(plain.state_dict())] if ctx.is_main else []
+        else:
+            # every rank's weights fingerprint, so a run can show the replicas never drifted apart
+            digests = gather_strings(weights_digest(trainer.student), ctx)
         if ctx.is_main:
             (out / "rank_weights_sha256.json").write_text(json.dumps(digests, indent=2) + "\n")
         export = None
         if ctx.is_main:
             export = Path(export_dir) if export_dir else out / "backbone"
             if heads_only:
-                trainer.student["geometry_heads"].save_pretrained(export)
+                plain["geometry_heads"].save_pretrained(export)
             else:
-                trainer.export(export)
-        logger.close()
-        return {
+                trainer.export(export, plain)
+        summary = {
             "steps": trainer.step,
             "seconds": seconds,
             "final": logs,
-            "backbone": str(export) if export else None,
-            "rank_digests": digests,
+            "world_size": ctx.world_size,
+            "fsdp": bool(trainer.parallel.fsdp),
+            "grad_accum": trainer.parallel.grad_accum,
+            "param_dtype": str(trainer.parallel.param_dtype(ctx)).removeprefix("torch.")
+            if trainer.parallel.fsdp
+            else "float32",
+            "global_batch": {k: getattr(config, k) for k in trainer.micro},
+            "micro_batch": dict(trainer.micro),
+            "per_rank_state_bytes": [b["total"] for b in state_bytes],
+            "per_rank_state_bytes_detail": state_bytes,
         }
+        if ctx.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.close()
+        return dict(summary, backbone=str(export) if export else None, rank_digests=digests)
     finally:
         shutdown_distributed()

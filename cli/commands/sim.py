@@ -1,4 +1,9 @@
-"""`omnistream sim ...`: evaluate policies in the simulators, merge shards, generate tabletop data."""
+"""`omnistream sim ...`: evaluate policies in the simulators, merge shards, generate tabletop data.
+
+Under `torchrun --nproc-per-node K omnistream sim eval ...` each rank evaluates its share of the episodes
+(chains) into <out>/ranks/rank-<r>/ and rank 0 writes the merged results into <out>; `--shard i/n` and
+`sim merge` remain for schedulers that start the processes themselves.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calvin-env-root", default=None, help="CALVIN: a calvin_env checkout (or $CALVIN_ENV_ROOT)")
     p.add_argument("--renderer", choices=("egl", "tiny"), default="tiny", help="CALVIN renderer (default tiny)")
     p.add_argument("--videos", type=int, default=1, help="rollout videos of the first K episodes (default 1)")
+    p.add_argument("--rerun", default=None, metavar="FILE.rrd", help="tabletop: log every rollout to a Rerun file")
     p.add_argument("--device", default="cpu", help="ckpt policies: torch device (default cpu)")
     p.add_argument("--timeout", type=float, default=30.0, help="ros policy: seconds to wait for an action")
     p.add_argument("--backbone", default=None, help="ros policy: perception backbone (default: the policy's own)")
@@ -88,6 +94,50 @@ def shard_range(total: int, index: int, count: int) -> tuple[int, int]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    rerun = getattr(args, "rerun", None)
+    if rerun is not None and (args.env != "tabletop" or not rerun.endswith(".rrd")):
+        raise UserError(f"--rerun needs --env tabletop and a FILE.rrd, got --env {args.env} --rerun {rerun}")
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _eval_torchrun(args)
+    return _eval_env(args)
+
+
+def _eval_torchrun(args: argparse.Namespace) -> int:
+    """Under torchrun: rank r evaluates shard r/world into <out>/ranks/rank-r; rank 0 merges them into <out>
+    (the files `sim merge` would write). ``--shard`` and ``sim merge`` stay for schedulers."""
+    import datetime
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    if args.shard is not None:
+        raise UserError(
+            "under torchrun the ranks split the episodes themselves: drop --shard (or run without torchrun)"
+        )
+    rank, world, local = (int(os.environ.get(k, "0")) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    out = Path(args.out)
+    args.shard = f"{rank}/{world}"
+    args.out = str(out / "ranks" / f"rank-{rank}")
+    args.quiet = args.quiet or rank > 0
+    if args.device == "cuda":
+        args.device = f"cuda:{local}"  # one GPU per rank
+    # evaluations run for hours (CALVIN): the barrier waits as long; a failing rank ends the group through torchrun
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=2))
+    try:
+        code = _eval_env(args)
+        dist.barrier()
+        if rank == 0:
+            shards = [str(out / "ranks" / f"rank-{r}") for r in range(world)]
+            code = code or _merge(argparse.Namespace(dirs=shards, out=str(out)))
+    finally:
+        dist.destroy_process_group()
+    return code
+
+
+def _eval_env(args: argparse.Namespace) -> int:
     if args.env == "calvin":
         return _eval_calvin(args)
     if args.env == "simpler":
@@ -249,6 +299,7 @@ def _run_tabletop(args, policy, tasks, seed, config, start, stop, shard_index) -
         policy_name=args.policy,
         swap_instructions=args.swap_instructions,
         progress=not args.quiet,
+        rerun=getattr(args, "rerun", None),
     )
 
 
