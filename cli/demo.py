@@ -27,6 +27,8 @@ import numpy as np
 
 from .errors import UserError
 
+EVAL_SEED = 100_000  # first closed-loop episode seed of `--seed 0` (evaluate_tabletop's default)
+
 
 @dataclass
 class DemoConfig:
@@ -177,7 +179,7 @@ def stage_data(cfg: DemoConfig, root: Path) -> tuple[dict[str, Path], bool]:
 
 def stage_pretrain(cfg: DemoConfig, root: Path, data: dict[str, Path], retrained: bool) -> tuple[Path, float, bool]:
     out = root / "checkpoints" / "pretrain"
-    key = cfg.key("pretrain_preset", "pretrain_args")
+    key = cfg.key("pretrain_preset", "pretrain_args", "seed")
     if not (cfg.retrain or retrained) and _done(out, key):
         print(f"pretrain: cached ({out / 'backbone'})")
         return out / "backbone", json.loads((out / "stage.json").read_text())["minutes"], False
@@ -185,7 +187,7 @@ def stage_pretrain(cfg: DemoConfig, root: Path, data: dict[str, Path], retrained
     began = time.perf_counter()
     _fresh(out)
     _cli("train", "pretrain", "--preset", cfg.pretrain_preset, "--geometry", str(data["geometry"]),
-         "--captions", str(data["demos"]), "--out", str(out), *cfg.pretrain_args)  # fmt: skip
+         "--captions", str(data["demos"]), "--out", str(out), "--seed", str(cfg.seed), *cfg.pretrain_args)  # fmt: skip
     minutes = (time.perf_counter() - began) / 60
     _finish(out, key, minutes=minutes)
     return out / "backbone", minutes, True
@@ -199,7 +201,7 @@ def stage_vla(
 
     # the preset's content is part of the key: a changed preset retrains instead of reusing an older policy
     preset = json.dumps(asdict(VLATrainConfig.from_preset(cfg.vla_preset)), sort_keys=True)
-    key = cfg.key("vla_preset", "vla_args", "tasks") + hashlib.sha256(preset.encode()).hexdigest()[:8]
+    key = cfg.key("vla_preset", "vla_args", "tasks", "seed") + hashlib.sha256(preset.encode()).hexdigest()[:8]
     if not (cfg.retrain or retrained) and _done(out, key):
         print(f"vla: cached ({out / 'policy'})")
         return out / "policy", json.loads((out / "stage.json").read_text())["minutes"]
@@ -207,7 +209,7 @@ def stage_vla(
     began = time.perf_counter()
     _fresh(out)
     _cli("train", "vla", "--preset", cfg.vla_preset, "--dataset", str(data["demos"]), "--backbone", str(backbone),
-         "--out", str(out), *cfg.vla_args)  # fmt: skip
+         "--out", str(out), "--seed", str(cfg.seed), *cfg.vla_args)  # fmt: skip
     minutes = (time.perf_counter() - began) / 60
     _finish(out, key, minutes=minutes)
     return out / "policy", minutes
@@ -266,6 +268,7 @@ def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: P
             results[name] = evaluate_tabletop(
                 policy,
                 episodes=cfg.eval_episodes,
+                seed=EVAL_SEED + 1_000 * cfg.seed,  # held out: demonstrations use seeds [seed, seed + demos)
                 out_dir=root / "eval" / name,
                 tasks=cfg.tasks,
                 config=cfg.tabletop(max_steps=cfg.eval_max_steps),
@@ -367,18 +370,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     import torch
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    from omnistream_perception.cpu_threads import configure_torch_threads
+
+    configure_torch_threads(cfg.threads)
     began = time.perf_counter()
     root = Path(cfg.out)
     figures = root / "figures"
     figures.mkdir(parents=True, exist_ok=True)
 
+    clock = time.perf_counter()
     data, regenerated = stage_data(cfg, root)
+    data_minutes = (time.perf_counter() - clock) / 60
     backbone, pre_minutes, retrained = stage_pretrain(cfg, root, data, retrained=regenerated)
     policy_dir, vla_minutes = stage_vla(cfg, root, data, backbone, retrained)
+    clock = time.perf_counter()
     perception = stage_perception(cfg, backbone, data["heldout"], figures)
+    perception_minutes = (time.perf_counter() - clock) / 60
+    clock = time.perf_counter()
     loop = stage_closed_loop(cfg, policy_dir, backbone, root)
+    loop_minutes = (time.perf_counter() - clock) / 60
     _heading("6/6 report")
 
     normal, swapped = loop["normal"], loop["swapped"]
@@ -400,6 +410,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "vla_ms_per_step": normal.get("ros_vla_ms_per_step"),
         "train_minutes": pre_minutes + vla_minutes,
         "total_minutes": (time.perf_counter() - began) / 60,
+        # cached stages report the minutes of the run that trained them; data is 0 when it was cached
+        "stage_minutes": {
+            "data": data_minutes,
+            "pretrain": pre_minutes,
+            "vla": vla_minutes,
+            "perception_eval": perception_minutes,
+            "closed_loop": loop_minutes,
+        },  # fmt: skip
+        "seed": cfg.seed,
         "tasks": cfg.tasks,
         "checkpoints": {"backbone": str(backbone), "vla_policy": str(policy_dir)},
         "perception": perception,

@@ -18,6 +18,8 @@ REPORT_KEYS = {
     "perception_ms_per_frame",
     "vla_ms_per_step",
     "train_minutes",
+    "stage_minutes",
+    "seed",
     "checkpoints",
 }
 
@@ -30,6 +32,13 @@ def test_quick_demo_runs_every_stage_and_reuses_checkpoints(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report) >= REPORT_KEYS
     assert 0.0 <= report["success_rate"] <= 1.0 and report["episodes"] >= 1
+    assert report["seed"] == 0 and set(report["stage_minutes"]) == {
+        "data",
+        "pretrain",
+        "vla",
+        "perception_eval",
+        "closed_loop",
+    }
     assert report["perception"]["stream_equals_recompute"], report["perception"]["stream_vs_recompute_max_abs_diff"]
     for picture in ("depth.png", "trajectory.png", "success.png"):
         assert (out / "figures" / picture).stat().st_size > 1000, picture

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, default=30, help="held-out closed-loop episodes (default 30)")
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test; the numbers mean nothing)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every stage: data, pretraining, VLA, evaluation episodes (default 0, as make demo)")  # fmt: skip
     p.add_argument("--strict", action="store_true", help="exit 1 when a target figure of the report is not met")
     p.set_defaults(handler=_demo)
 
@@ -33,5 +35,6 @@ def _demo(args: argparse.Namespace) -> int:
     config.retrain = args.retrain
     config.eval_episodes = args.episodes if not args.quick else min(args.episodes, config.eval_episodes)
     config.threads = args.threads
+    config.seed = args.seed
     report = run_demo(config)
     return 1 if args.strict and not report["ok"] else 0
