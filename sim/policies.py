@@ -212,6 +212,7 @@ class RosPolicy:
         settings["camera_token"] = as_param[settings["camera_token"]]  # the node's string parameter
         self.perception_params = {
             **settings,
+            "window": 0,  # the whole episode in the cache, as the policy's training features were streamed
             **({"cameras": list(self.cameras)} if len(self.cameras) > 1 else {}),
             **(perception_params or {}),
         }

@@ -405,3 +405,48 @@ def test_parameters_are_validated_at_start_and_at_runtime(ros_context, fixture_a
         assert "hub id" in node.describe_parameter("checkpoint").description
     finally:
         node.destroy_node()
+
+
+# -- logs, services and stamps under abuse --------------------------------------------------------------------------
+def test_alternating_resolutions_restart_the_stream_with_throttled_warnings(harness, fixture_a, capfd):
+    h = harness(fixture_a)
+    features = h.subscribe("features", StreamFeatures)
+    h.wait_matched()
+    capfd.readouterr()
+    for i in range(20):
+        size = (H, W) if i % 2 == 0 else (32, 64)
+        h.publish(image(i, sec=1 + i, h=size[0], w=size[1]))
+        wait_for(lambda i=i: len(features) == i + 1, what=f"features of frame {i}")
+    assert all(f.frame_index == 0 for f in features)  # every frame restarted the stream (behaviour kept)
+    assert h.node.cameras["camera"].pipeline.restarts == 19
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "resolution changed" in line]
+    assert 1 <= len(warnings) <= 2, warnings  # not 19 lines
+
+
+def test_fifty_concurrent_resets_all_get_answers(harness, fixture_a):
+    h = harness(fixture_a)
+    clients = [h.tester.create_client(Trigger, f"/{h.name}/reset") for _ in range(50)]
+    for client in clients:
+        assert client.wait_for_service(timeout_sec=10)
+    futures = [client.call_async(Trigger.Request()) for client in clients]
+    wait_for(lambda: all(f.done() for f in futures), timeout=30, what="50 reset answers")
+    assert all(f.result().success for f in futures)
+
+
+def test_a_frame_stamped_ten_years_ahead_is_dropped_and_the_next_is_no_looping_bag(harness, fixture_a, capfd):
+    h = harness(fixture_a)
+    features = h.subscribe("features", StreamFeatures)
+    h.wait_matched()
+    now = int(time.time())
+    h.publish(image(0, sec=now))
+    wait_for(lambda: len(features) == 1)
+    capfd.readouterr()
+    h.publish(image(1, sec=now + 10 * 365 * 86400))
+    wait_for(lambda: h.stats()["errors"] == 1, what="the future frame to be reported")
+    h.publish(image(2, sec=now + 1))
+    wait_for(lambda: len(features) == 2, what="the next normal frame")
+    assert [f.header.stamp.sec for f in features] == [now, now + 1]
+    assert [f.frame_index for f in features] == [0, 1]  # no restart
+    err = capfd.readouterr().err
+    assert "ahead of this node's clock" in err and "max_stamp_ahead" in err
+    assert "backwards" not in err

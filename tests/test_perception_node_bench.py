@@ -4,6 +4,12 @@ model slower than the camera drops frames instead of queueing them."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +38,8 @@ def test_bench_node_reports_overhead_and_drops_under_a_fast_camera(fixture_a, tm
         "60",
         "--extra-model-ms",
         "150",
+        "--window",
+        "0",  # the whole stream stays in the cache: cache_frames counts every processed frame
         "--json",
         str(out),
     ]
@@ -63,3 +71,26 @@ def test_parse_image_size():
     assert parse_image_size("640x480") == (640, 480)
     with pytest.raises(ValueError, match="WIDTHxHEIGHT"):
         parse_image_size("640")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_bench_node_stopped_leaves_no_temporary_checkpoint(tmp_path, signum):
+    """Stopped in the middle of its run, `bench node` removes the random checkpoint it saved and exits 130."""
+    command = [str(Path(sys.executable).parent / "omnistream"), "bench", "node", "--preset", "debug"]
+    command += ["--image-size", "96x64", "--stream-frames", "100000", "--rate", "30", "--null-frames", "5"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("omnistream-bench-node-*/model.safetensors")):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+            time.sleep(0.1)
+        time.sleep(3.0)  # in the middle of the measurement (the node runs, the camera publishes)
+        process.send_signal(signum)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, output
+    assert "stopped" in output and "Traceback" not in output, output
+    assert not list(tmp_path.glob("omnistream-bench-node-*")), "the temporary checkpoint was left behind"

@@ -130,3 +130,60 @@ def test_node_process_serves_features_survives_bad_burst_and_exits_cleanly(fixtu
         output = log.read()
         log.close()
     assert returncode == 0, f"perception_node did not exit cleanly on SIGINT ({returncode}):\n{output}"
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_node_stops_cleanly_on_a_signal_while_a_slow_frame_is_processed(fixture_a, tmp_path, signum):
+    """A large frame at full resolution (max_side 0) keeps the worker busy for a while; the signal comes in the
+    middle of it. The node finishes that frame, then exits 0 within 2 s, without a traceback or an abort."""
+    log = open(tmp_path / "perception_node.log", "w+")  # noqa: SIM115 - read back below
+    command = [_perception_node_command(), "--ros-args", "-p", f"checkpoint:={fixture_a}", "-p", "max_side:=0"]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    tester = rclpy.create_node("stop_tester", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(tester)
+    threading.Thread(target=executor.spin, daemon=True).start()
+    try:
+        features: list = []
+        tester.create_subscription(StreamFeatures, "/perception_node/features", features.append, 10)
+        image_pub = tester.create_publisher(Image, "/image", 10)
+        wait_for(
+            lambda: (
+                process.poll() is None
+                and image_pub.get_subscription_count() > 0
+                and tester.count_publishers("/perception_node/features") > 0
+            ),
+            timeout=90,
+            what="perception_node to start",
+        )
+        time.sleep(0.5)
+        big = rgb_to_image(np.random.default_rng(0).integers(0, 256, (960, 1280, 3), dtype=np.uint8))
+        started = time.monotonic()
+        big.header.stamp.sec = 1
+        image_pub.publish(big)
+        wait_for(lambda: len(features) == 1, timeout=60, what="the first large frame")
+        first_frame_s = time.monotonic() - started
+        big.header.stamp.sec = 2
+        image_pub.publish(big)  # attends over two frames: longer than the first
+        time.sleep(min(0.3, first_frame_s / 2))
+        assert len(features) == 1, "the second frame was done before the signal: the test needs a slower frame"
+        sent = time.monotonic()
+        process.send_signal(signum)
+        returncode = process.wait(timeout=60)
+        stop_s = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+        executor.shutdown()
+        tester.destroy_node()
+        rclpy.try_shutdown(context=context)
+        log.seek(0)
+        output = log.read()
+        log.close()
+    assert returncode == 0, f"exit code {returncode} on {signum.name}:\n{output}"
+    assert "Traceback" not in output and "terminate called" not in output and "ERROR" not in output, output
+    # the frame in flight (at most ~3x the first one, it attends over two frames) plus 2 s
+    assert stop_s < 2.0 + 3 * first_frame_s, f"stopped after {stop_s:.1f} s (first frame {first_frame_s:.1f} s)"

@@ -145,3 +145,29 @@ def test_writing_720p_uses_the_fast_bytes_path():
     assert len(msg.data) == 720 * 1280 * 3
     # assigning the numpy array element-wise takes > 100 ms; bytes take ~1 ms (generous bound for busy CI)
     assert elapsed < 0.08, f"rgb_to_image took {elapsed * 1e3:.1f} ms"
+
+
+def test_absurd_images_are_refused_from_their_header_before_decoding():
+    import io
+
+    from PIL import Image as PILImage
+
+    from omnistream_perception.ros_image import check_pixel_count
+
+    # a raw image that declares 100000x100000 pixels: refused before its (here absent) data is looked at
+    huge = Image(height=100_000, width=100_000, encoding="rgb8", step=300_000, data=b"")
+    with pytest.raises(ValueError, match="MP refused"):
+        image_to_rgb(huge, max_pixels=36_000_000)
+    # a 9000x9000 all-black PNG is tiny compressed (decoding it would take 243 MB and seconds)
+    buffer = io.BytesIO()
+    PILImage.new("L", (9000, 9000)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 200_000
+    msg = CompressedImage(format="png", data=buffer.getvalue())
+    with pytest.raises(ValueError, match="9000x9000 = 81.0 MP refused"):
+        compressed_to_rgb(msg, max_pixels=36_000_000)
+    # below the limit, the same paths decode as before
+    small = rgb_to_compressed(RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8), fmt="png")
+    assert compressed_to_rgb(small, max_pixels=24 * 32).shape == (24, 32, 3)
+    with pytest.raises(ValueError, match="max_input_pixels"):
+        compressed_to_rgb(small, max_pixels=24 * 32 - 1)
+    check_pixel_count(10**6, 10**6, None)  # None: no limit

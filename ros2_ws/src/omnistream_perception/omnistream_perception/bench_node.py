@@ -5,7 +5,7 @@
    latency is publish -> receipt of each output. Interleaved with it, a bare ``PerceptionSession`` with the
    same model processes the same frames (same outputs, same stream position). The node overhead is
    end-to-end latency minus the bare model step, per frame; the median is reported, also as a ratio.
-2. Real-time. Images at ``--rate`` Hz (30) for ``--stream-frames`` frames (2,000) while the model is
+2. Real-time. Images at ``--rate`` Hz (30) for ``--stream-frames`` frames (300) while the model is
    slower than the camera (``--extra-model-ms`` slows it further): frames processed, dropped (superseded),
    outputs received, resident memory and the KV cache at the end. A node that queued frames would fall
    ever further behind; ours keeps the newest frame only.
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import statistics
 import tempfile
 import threading
@@ -91,21 +92,22 @@ class _Outputs:
 def benchmark_node(
     checkpoint: str | Path,
     image_size: tuple[int, int] = (640, 480),
-    frames: int = 30,
-    warmup: int = 3,
-    stream_frames: int = 2000,
+    frames: int = 10,
+    warmup: int = 2,
+    stream_frames: int = 300,
     rate_hz: float = 30.0,
     window: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     extra_model_ms: float = 0.0,
-    null_frames: int = 100,
+    null_frames: int = 50,
     timeout_s: float = 120.0,
     progress: bool = True,
 ) -> dict[str, Any]:
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.parameter import Parameter
+    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import Image
 
     from omnistream_msgs.msg import StreamFeatures
@@ -118,8 +120,13 @@ def benchmark_node(
     width, height = image_size
     images = make_frames(width, height)
     context = rclpy.Context()
-    rclpy.init(context=context)
-    params = {"checkpoint": str(checkpoint), "device": device, "dtype": dtype, "window": window or 0}
+    # No rclpy signal handlers: Ctrl-C / SIGTERM raise KeyboardInterrupt here, so every `finally` (the node, the
+    # temporary checkpoint) runs.
+    rclpy.init(context=context, signal_handler_options=SignalHandlerOptions.NO)
+    # window None: the node's own default (bounded), as a robot runs it; 0 would be the unbounded cache.
+    params = {"checkpoint": str(checkpoint), "device": device, "dtype": dtype}
+    if window is not None:
+        params["window"] = window
     node = PerceptionNode(
         node_name="bench_perception",
         context=context,
@@ -143,7 +150,8 @@ def benchmark_node(
         "device": device,
         "dtype": dtype,
         "heads": node.has_heads,
-        "window": window,
+        "window": node.get_parameter("window").value,
+        "max_side": node.get_parameter("max_side").value,
         "outputs_timed": keys,
     }
     try:
@@ -174,7 +182,12 @@ def benchmark_node(
             from tqdm import tqdm
 
             iterator = tqdm(iterator, desc="node vs bare step", unit="frame")
+        phase_start = time.monotonic()
         for i in iterator:
+            if progress and i == min(warmup, 1) and i > 0:  # one frame pair timed: say how long the whole run takes
+                pair_s = (time.monotonic() - phase_start) / i
+                total = pair_s * (warmup + frames) + null_frames * 0.05 + stream_frames / rate_hz + 5
+                print(f"bench node: about {total / 60:.1f} min in all ({pair_s:.1f} s per timed frame)", flush=True)
             rgb = images[i % len(images)]
             msg = rgb_to_image(rgb)
             msg.header.stamp.sec = i + 1
@@ -219,7 +232,7 @@ def benchmark_node(
 
         # -- 1b. the node alone: a stand-in model that returns the last real result instantly ------------------------
         overhead = report["overhead"]
-        overhead.update(_node_only(cam, image_pub, outputs, images, result, warmup + frames, null_frames))
+        overhead.update(_node_only(cam, image_pub, outputs, images, result, warmup + frames, null_frames, progress))
         # The verdict uses the node-alone measurement when there is one: it is the node's cost beyond the model
         # step without the run-to-run noise of two separate model calls (large on a shared CPU).
         if overhead.get("node_only_ms") is not None:
@@ -265,7 +278,7 @@ class NullModelStandIn:
         return dataclasses.replace(self.result, frame_index=self.calls - 1)
 
 
-def _node_only(cam, image_pub, outputs, images, result, first_stamp, count) -> dict[str, Any]:
+def _node_only(cam, image_pub, outputs, images, result, first_stamp, count, progress=False) -> dict[str, Any]:
     from .ros_image import rgb_to_image
 
     if count <= 0:
@@ -273,8 +286,13 @@ def _node_only(cam, image_pub, outputs, images, result, first_stamp, count) -> d
     real_process = cam.session.process
     cam.session.process = NullModelStandIn(result)
     latencies = []
+    iterator = range(count)
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="node alone (model stand-in)", unit="frame")
     try:
-        for i in range(count):
+        for i in iterator:
             msg = rgb_to_image(images[i % len(images)])
             stamp = first_stamp + 1 + i
             msg.header.stamp.sec = stamp
@@ -296,8 +314,8 @@ def _realtime(node, cam, image_pub, outputs, images, count, rate_hz, extra_model
     from .memory import resident_bytes
     from .ros_image import rgb_to_image
 
-    with cam.process_lock:
-        cam.restart()
+    with cam.pipeline.lock:
+        cam.pipeline.restart()
     before = dict(cam.stats.counts)
     real_process = cam.session.process
     if extra_model_ms > 0:
@@ -372,7 +390,7 @@ def run_node_benchmark(args) -> int:
     """The ``omnistream bench node`` handler: prints a rich table, writes JSON."""
     from rich.console import Console
 
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     try:
         size = parse_image_size(args.image_size)
@@ -393,6 +411,24 @@ def run_node_benchmark(args) -> int:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     console = Console()
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # docker stop / kill: clean up too
+    try:
+        return _run(args, size, device, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]bench node stopped[/]: nothing measured; temporary files removed")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(args, size: tuple[int, int], device: str, console) -> int:
+    from omnistream_cli.errors import UserError
+
+    # The temporary checkpoint (a random preset) is removed on every way out: success, error, Ctrl-C, SIGTERM.
     with tempfile.TemporaryDirectory(prefix="omnistream-bench-node-") as tmp:
         if args.checkpoint:
             checkpoint, label = args.checkpoint, str(args.checkpoint)

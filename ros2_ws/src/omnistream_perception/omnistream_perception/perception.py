@@ -48,6 +48,45 @@ class PerceptionConfig:
         if self.max_side is not None and self.max_side < 16:
             raise ValueError(f"max_side must be >= 16 pixels, got {self.max_side}")
 
+    @classmethod
+    def from_node_parameters(cls, params: dict) -> PerceptionConfig:
+        """From perception_node's parameter values (0 = no limit for max_side and window)."""
+        return cls(
+            checkpoint=params["checkpoint"],
+            device=params["device"],
+            dtype=params["dtype"],
+            max_side=params["max_side"] or None,
+            window=params["window"] or None,
+            sink=params["sink"],
+            feature_pooling=params["feature_pooling"],
+            camera_token=CAMERA_TOKEN_CHOICES[params["camera_token"]],
+            feature_dtype=params["feature_dtype"],
+        )
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch device; ValueError when this machine or torch build cannot run on it."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: this torch build or machine has no CUDA; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available on this machine; use cpu")
+    return dev
+
+
+def load_backbone_and_heads(checkpoint: str | Path) -> tuple[OmniStreamModel, GeometryHeads | None]:
+    """The backbone of ``checkpoint`` and its geometry heads when saved beside it (None otherwise)."""
+    directory = resolve_pretrained_dir(checkpoint, [CONFIG_NAME, WEIGHTS_NAME])
+    model = OmniStreamModel.from_pretrained(directory)
+    heads = GeometryHeads.from_pretrained(directory) if GeometryHeads.present(Path(directory)) else None
+    return model, heads
+
 
 @dataclass
 class PerceptionResult:
@@ -68,7 +107,7 @@ class PerceptionResult:
 class PerceptionSession:
     def __init__(self, model: OmniStreamModel, heads: GeometryHeads | None, config: PerceptionConfig) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = check_device(config.device)
         self.dtype = as_dtype(config.dtype)
         self.model = model.to(self.device, self.dtype).eval()
         self.heads = heads.to(self.device, self.dtype).eval() if heads is not None else None
@@ -79,10 +118,8 @@ class PerceptionSession:
 
     @classmethod
     def from_config(cls, config: PerceptionConfig) -> PerceptionSession:
-        directory = resolve_pretrained_dir(config.checkpoint, [CONFIG_NAME, WEIGHTS_NAME])
-        model = OmniStreamModel.from_pretrained(directory)
-        heads = GeometryHeads.from_pretrained(directory) if GeometryHeads.present(Path(directory)) else None
-        return cls(model, heads, config)
+        check_device(config.device)  # before loading a large checkpoint for nothing
+        return cls(*load_backbone_and_heads(config.checkpoint), config)
 
     # -- state ----------------------------------------------------------------------------------------
     @property

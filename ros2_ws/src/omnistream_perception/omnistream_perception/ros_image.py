@@ -86,8 +86,20 @@ def image_to_numpy(msg: Image) -> np.ndarray:
     return array[..., 0] if info.channels == 1 else array
 
 
-def image_to_rgb(msg: Image) -> np.ndarray:
-    """A colour ``Image`` (rgb8, bgr8, rgba8, bgra8, mono8, or 32FC1 intensity in [0, 1]) as (H, W, 3) uint8 RGB."""
+def check_pixel_count(width: int, height: int, max_pixels: int | None) -> None:
+    """ValueError when a ``width`` x ``height`` image has more than ``max_pixels`` pixels (None: no limit)."""
+    if max_pixels is not None and int(width) * int(height) > max_pixels:
+        raise ValueError(
+            f"image of {width}x{height} = {int(width) * int(height) / 1e6:.1f} MP refused: more than the "
+            f"{max_pixels / 1e6:g} MP limit (max_input_pixels)"
+        )
+
+
+def image_to_rgb(msg: Image, max_pixels: int | None = None) -> np.ndarray:
+    """A colour ``Image`` (rgb8, bgr8, rgba8, bgra8, mono8, or 32FC1 intensity in [0, 1]) as (H, W, 3) uint8 RGB.
+
+    An image over ``max_pixels`` (width x height from the header) is refused before any pixel is touched."""
+    check_pixel_count(msg.width, msg.height, max_pixels)
     if msg.encoding not in COLOUR_ENCODINGS:
         if msg.encoding in ENCODINGS:
             raise ValueError(f"expected a colour image ({', '.join(COLOUR_ENCODINGS)}), got {msg.encoding!r}")
@@ -125,8 +137,11 @@ def image_to_depth(msg: Image) -> np.ndarray:
     return np.asarray(array, dtype=np.float32)
 
 
-def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
-    """A jpeg/png ``CompressedImage`` as (H, W, 3) uint8 RGB (decoded with Pillow)."""
+def compressed_to_rgb(msg: CompressedImage, max_pixels: int | None = None) -> np.ndarray:
+    """A jpeg/png ``CompressedImage`` as (H, W, 3) uint8 RGB (decoded with Pillow).
+
+    The size is read from the header first: an image over ``max_pixels`` is refused without being decoded (a
+    small PNG can declare 9000x9000 pixels)."""
     from PIL import Image as PILImage
 
     fmt = (msg.format or "").lower()
@@ -136,11 +151,16 @@ def compressed_to_rgb(msg: CompressedImage) -> np.ndarray:
     if len(msg.data) == 0:
         raise ValueError("zero-size compressed image (empty data)")
     try:
-        with PILImage.open(io.BytesIO(bytes(msg.data))) as img:
-            img.load()
-            rgb = np.asarray(img.convert("RGB"))
+        img = PILImage.open(io.BytesIO(bytes(msg.data)))  # parses the header only
     except Exception as exc:  # Pillow raises many types (OSError, SyntaxError, ...) on corrupt data
         raise ValueError(f"corrupt compressed image ({msg.format or 'unknown format'}): {exc}") from exc
+    with img:
+        check_pixel_count(img.size[0], img.size[1], max_pixels)
+        try:
+            img.load()
+            rgb = np.asarray(img.convert("RGB"))
+        except Exception as exc:
+            raise ValueError(f"corrupt compressed image ({msg.format or 'unknown format'}): {exc}") from exc
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ValueError("zero-size compressed image")
     return rgb

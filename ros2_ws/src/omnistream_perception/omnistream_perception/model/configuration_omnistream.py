@@ -48,6 +48,14 @@ class OmniStreamConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_attention_heads", "depth", "patch_size", "num_register_tokens"):
+            value, minimum = getattr(self, name), 0 if name == "num_register_tokens" else 1
+            if type(value) is not int or value < minimum:  # a JSON string or float would fail much later
+                raise ValueError(f"config field {name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("mlp_ratio", "rope_base", "rope_total_length", "layer_norm_eps"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not value > 0:
+                raise ValueError(f"config field {name} must be a number > 0, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
@@ -83,12 +91,16 @@ class OmniStreamConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OmniStreamConfig:
         """Reads the authors' config.json (or ours, which is a superset of it)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a backbone config must be a JSON object, got a {type(data).__name__}")
         data = dict(data)
         kwargs: dict[str, Any] = {}
         for src, dst in _AUTHOR_FIELDS.items():
             if src in data:
                 kwargs[dst] = data.pop(src)
         ours = data.pop("omnistream", {})
+        if not isinstance(ours, dict):
+            raise ValueError(f"the config's 'omnistream' field must be a JSON object, got {ours!r}")
         for f in dataclasses.fields(cls):
             if f.name in ours and f.name != "extra":
                 kwargs[f.name] = ours[f.name]
@@ -113,7 +125,10 @@ class OmniStreamConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> OmniStreamConfig:
         with open(path, encoding="utf-8") as fh:
-            return cls.from_dict(json.load(fh))
+            try:
+                return cls.from_dict(json.load(fh))
+            except ValueError as exc:  # JSONDecodeError is one too
+                raise ValueError(f"{path}: {exc}") from exc
 
     def to_json_file(self, path: str | Path) -> None:
         with open(path, "w", encoding="utf-8") as fh:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -196,7 +197,7 @@ class OmniStreamModel(nn.Module):
         directory = resolve_pretrained_dir(path_or_hub_id, [CONFIG_NAME, WEIGHTS_NAME])
         config = OmniStreamConfig.from_json_file(directory / CONFIG_NAME)
         model = cls(config)
-        state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+        state = load_safetensors(directory / WEIGHTS_NAME)
         load_state_dict_strict(model, state, source=str(directory / WEIGHTS_NAME))
         model.eval()
         return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
@@ -474,6 +475,15 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     if problems:
         raise ValueError(f"{source} does not match the model configuration. " + " | ".join(problems))
     model.load_state_dict(state, strict=True)
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on the CPU; ValueError naming the file when it is empty, truncated or
+    not safetensors at all (the library's own error does not say which file)."""
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a valid safetensors file ({exc}): re-download or re-save it") from exc
 
 
 def resolve_pretrained_dir(path_or_hub_id: str | Path, required: Sequence[str]) -> Path:

@@ -6,15 +6,16 @@ pretraining) and live in ``geometry_heads.json`` + ``geometry_heads.safetensors`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..modeling_omnistream import OmniStreamOutput, load_state_dict_strict
+from ..modeling_omnistream import OmniStreamOutput, load_safetensors, load_state_dict_strict
 from .camera_head import CameraHead
 from .dpt_head import DPTHead
 
@@ -115,12 +116,18 @@ class GeometryHeads(nn.Module):
                 "OmniStream checkpoint ships the backbone only. Train them with "
                 f"`omnistream train heads --checkpoint {directory}`, or run features-only."
             )
-        cfg = json.loads((directory / HEADS_CONFIG_NAME).read_text())
-        cfg["channels"] = tuple(cfg["channels"])
+        try:
+            cfg = json.loads((directory / HEADS_CONFIG_NAME).read_text())
+        except ValueError as exc:
+            raise ValueError(f"{directory / HEADS_CONFIG_NAME} is not valid JSON: {exc}") from exc
+        known = {f.name for f in dataclasses.fields(GeometryHeadsConfig)}
+        if not isinstance(cfg, dict) or set(cfg) - known:
+            unknown = sorted(set(cfg) - known) if isinstance(cfg, dict) else type(cfg).__name__
+            raise ValueError(f"{directory / HEADS_CONFIG_NAME}: unknown {unknown}; expected keys {sorted(known)}")
+        cfg["channels"] = tuple(cfg.get("channels", GeometryHeadsConfig.channels))
         heads = cls(GeometryHeadsConfig(**cfg))
-        load_state_dict_strict(
-            heads, load_file(str(directory / HEADS_WEIGHTS_NAME)), source=str(directory / HEADS_WEIGHTS_NAME)
-        )
+        weights = directory / HEADS_WEIGHTS_NAME
+        load_state_dict_strict(heads, load_safetensors(weights), source=str(weights))
         return heads.eval()
 
 
