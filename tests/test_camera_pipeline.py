@@ -245,7 +245,7 @@ def test_worker_processes_the_newest_item_and_stop_waits_for_the_one_in_flight()
 # -- parameters -----------------------------------------------------------------------------------------------------
 def test_safe_defaults_and_parameter_types():
     assert PARAMETERS["window"].default == 16 and PARAMETERS["sink"].default == 1
-    assert PARAMETERS["max_side"].default == 512 and PARAMETERS["max_input_pixels"].default >= 7680 * 4320
+    assert PARAMETERS["max_side"].default == 224 and PARAMETERS["max_input_pixels"].default >= 7680 * 4320
     assert PARAMETERS["image_reliability"].default == "auto"
     assert validate_parameter("window", "abc") == "window must be an integer, got 'abc'"
     assert "finite number" in validate_parameter("max_stamp_ahead", "soon")

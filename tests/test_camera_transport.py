@@ -47,9 +47,8 @@ class NodeProcess:
         self.name = name
         self.log = open(log_path, "w+")  # noqa: SIM115 - read back by the tests
         command = [_perception_node_command(), "--ros-args", "-r", f"__node:={name}", "-r", f"image:=/{name}/image"]
-        # A small model input keeps the tiny model faster than the camera on a busy 2-core machine, so the features
-        # count measures the transport (frames superseded while the model is busy would count as lost).
-        command += ["-p", f"checkpoint:={checkpoint}", "-p", "diagnostics_period:=0.5", "-p", "max_side:=128"]
+        # Stock settings (input size, window, reliability): what a user who starts a camera driver gets.
+        command += ["-p", f"checkpoint:={checkpoint}", "-p", "diagnostics_period:=0.5"]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.context = rclpy.Context()
         rclpy.init(context=self.context)

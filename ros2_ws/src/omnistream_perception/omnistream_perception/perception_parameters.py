@@ -66,8 +66,9 @@ PARAMETERS: dict[str, ParamSpec] = {
         "float32", "model dtype: float32 | bfloat16 | float16", True, one_of("float32", "bfloat16", "float16")
     ),
     "max_side": ParamSpec(
-        512,
-        "resize (aspect kept) so the longer side is <= max_side px (512: training resolution); 0 = input size",
+        224,
+        "resize (aspect kept) so the longer side is <= max_side px (224: the VLA recipe's input and pretraining "
+        "stage 1; 512: stage 2, finer depth at ~5x the compute); 0 = input size",
         True,
         _max_side,
     ),
