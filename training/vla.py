@@ -5,7 +5,8 @@ ONCE (progress bar) and training runs on cached features: the same gradients as 
 every step, for a fraction of the cost. Trained: the projector (its own group, lr 1e-4), the LLM with its text
 embeddings, the action query and the action head (lr 2e-5); Adam, warm-up + cosine, gradient clip 1.0,
 bf16 autocast where the device supports it. Action statistics are computed from the dataset and saved with
-the policy (``normalization.safetensors``) and as ``<out>/action_stats.json``.
+the policy (``normalization.safetensors``) and as ``<out>/action_stats.json``. ``init_vlm`` (``--init-vlm``) starts
+the projector and LLM from the VLM stage (``omnistream_train.vlm``) instead of the preset's random LLM.
 
 Datasets (detected from the directory):
 * LeRobot v3 (``meta/info.json``), read with ``omnistream_train.lerobot_dataset``;
@@ -23,6 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from omnistream_perception.features_codec import batch_key
+from omnistream_vla.action_convention import convention_for_dataset
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import _apply, warmup_cosine
@@ -82,6 +86,9 @@ class VLATrainConfig:
     # Robot state input (LeRobot's observation.state): names of the state entries the policy reads, or "all";
     # None = no state (the recipe). Tabletop demonstrations name theirs (omnistream_sim.tabletop.STATE_NAMES).
     state: Any = None
+    # Start from a VLM (``omnistream train vlm`` output, the recipe's way): its LLM, tokenizer and projector
+    # (+ visual positions) replace the preset's random ones; the policy architecture must match the VLM's.
+    init_vlm: str | None = None
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> VLATrainConfig:
@@ -310,6 +317,14 @@ def build_policy(
     if config.normalization_mode:
         overrides["normalization_mode"] = config.normalization_mode
     policy_config = OmniStreamVLAConfig.preset(config.policy_preset, **overrides)
+    vlm = None
+    if config.init_vlm:
+        from .vlm import VLMDirectory
+
+        vlm = VLMDirectory(config.init_vlm)
+        vlm.check_fits(policy_config)
+        vlm.check_backbone(backbone)
+        policy_config = OmniStreamVLAConfig.preset(config.policy_preset, **{**overrides, **vlm.llm_overrides()})
     arm = policy_config.arm_dims
     if bounds is not None:
         normalizer = ActionNormalizer.from_bounds(bounds[0], bounds[1], arm)
@@ -320,6 +335,8 @@ def build_policy(
             {k: torch.as_tensor(v[:arm]) for k, v in stats.items() if k != "count"},
         )
     policy = OmniStreamVLAPolicy(policy_config, normalizer=normalizer, backbone=backbone)
+    if vlm is not None:
+        vlm.load_into(policy)
     if policy.state_encoder is not None:
         if states is None:
             raise ValueError("state_names given without the dataset's states (for the statistics)")
@@ -386,7 +403,7 @@ def dataset_loss(policy, features, chunks, pads, tasks, cameras, device, batch: 
     total, count = 0.0, 0
     for s in range(0, len(tasks), batch):
         idx = list(range(s, min(len(tasks), s + batch)))
-        data = {f"observation.features.{cam}": features[cam][idx].to(device) for cam in cameras}
+        data = {batch_key(cam): features[cam][idx].to(device) for cam in cameras}
         data.update(action=chunks[idx].to(device), action_is_pad=pads[idx].to(device), task=[tasks[i] for i in idx])
         if states is not None:
             data["observation.state"] = states[idx].to(device)
@@ -425,6 +442,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     kind = detect_format(Path(dataset))
     state_names, states = select_state(config, episodes, kind)
     policy = build_policy(config, stats, ctx.device, resolve_bounds(config, kind), state_names, states)
+    policy.config.action_convention = convention_for_dataset(kind).to_dict()  # the node acts in these units
     states_t = torch.from_numpy(states) if states is not None else None
     targets_t = auxiliary_targets(config, episodes)
     chunk = policy.config.chunk_size
@@ -481,7 +499,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * scale
         idx = sample_indices(frames, step, ctx.rank, ctx.world_size, config.batch_size, config.seed, 0)
-        batch = {f"observation.features.{cam}": features[cam][idx].to(ctx.device) for cam in config.cameras}
+        batch = {batch_key(cam): features[cam][idx].to(ctx.device) for cam in config.cameras}
         batch.update(
             action=chunks_t[idx].to(ctx.device), action_is_pad=pads_t[idx].to(ctx.device), task=[tasks[i] for i in idx]
         )
