@@ -257,7 +257,7 @@ def stage_perception(cfg: DemoConfig, backbone: Path, heldout: Path, figures: Pa
 
 
 def stage_closed_loop(cfg: DemoConfig, policy_dir: Path, backbone: Path, root: Path) -> dict[str, Any]:
-    from omnistream_sim.policies import RosPolicy
+    from omnistream_cli.policies import RosPolicy
     from omnistream_sim.rollout import evaluate_tabletop
 
     _heading("5/6 closed loop through perception_node + vla_node (held-out episodes)")

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from sensor_msgs.msg import CameraInfo, Image
     from std_msgs.msg import String
 
-    from omnistream_perception.ros_image import camera_info_from_intrinsics, make_header, rgb_to_image
+    from omnistream_perception.ros.image import camera_info_from_intrinsics, make_header, rgb_to_image
 
     data = np.load(args.sequence)
     frames, intrinsics = data["rgb"], data["intrinsics"]

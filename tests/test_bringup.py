@@ -19,9 +19,9 @@ from ros_helpers import spin_in_thread, wait_for  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from omnistream_msgs.msg import StreamFeatures  # noqa: E402
-from omnistream_perception.bringup import REPO_ROOT, create_nodes, default_launch_file, load_launch_file  # noqa: E402
-from omnistream_perception.perception_node import PARAMETERS, PerceptionNode, validate_parameter  # noqa: E402
-from omnistream_perception.ros_image import rgb_to_image  # noqa: E402
+from omnistream_perception.ros.bringup import REPO_ROOT, create_nodes, default_launch_file, load_launch_file  # noqa: E402
+from omnistream_perception.ros.image import rgb_to_image  # noqa: E402
+from omnistream_perception.ros.perception_node import PARAMETERS, PerceptionNode, validate_parameter  # noqa: E402
 
 pytestmark = pytest.mark.ros
 

@@ -30,7 +30,7 @@ from ros_helpers import wait_for  # noqa: E402
 from test_perception_node_process import _perception_node_command  # noqa: E402
 
 from omnistream_msgs.msg import StreamFeatures  # noqa: E402
-from omnistream_perception.diagnostics import status_values  # noqa: E402
+from omnistream_perception.ros.diagnostics import status_values  # noqa: E402
 from omnistream_perception.transport import PROFILE_ENV_VARS, large_data_env  # noqa: E402
 
 pytestmark = pytest.mark.ros

@@ -60,7 +60,7 @@ set -e
 source install/setup.bash
 python - <<'PY'
 import omnistream_perception, omnistream_vla
-from omnistream_perception.bringup import load_launch_file
+from omnistream_perception.ros.bringup import load_launch_file
 install = {str(install)!r}
 assert omnistream_perception.__file__.startswith(install), omnistream_perception.__file__
 (node,) = load_launch_file(install + "/omnistream_perception/share/omnistream_perception/launch/perception.launch.py")

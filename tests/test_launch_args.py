@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("ament_index_python", reason="the ROS wheels are not installed (make setup)")
 
-from omnistream_perception.bringup import REPO_ROOT, default_launch_file, load_launch_file  # noqa: E402
-from omnistream_perception.launch_support import camera_info_topic  # noqa: E402
+from omnistream_perception.ros.bringup import REPO_ROOT, default_launch_file, load_launch_file  # noqa: E402
+from omnistream_perception.ros.launch_support import camera_info_topic  # noqa: E402
 from omnistream_perception.transport import PROFILE_ENV_VARS, large_data_env  # noqa: E402
 
 PERCEPTION_YAML = REPO_ROOT / "ros2_ws/src/omnistream_perception/config/perception.yaml"

@@ -27,14 +27,10 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # n
 from std_srvs.srv import Trigger  # noqa: E402
 
 from omnistream_msgs.msg import StreamFeatures  # noqa: E402
-from omnistream_perception.perception_node import PerceptionNode  # noqa: E402
-from omnistream_perception.ros_image import (  # noqa: E402
-    camera_info_from_intrinsics,
-    image_to_depth,
-    rgb_to_compressed,
-    rgb_to_image,
-)
-from omnistream_perception.ros_pointcloud import pointcloud2_to_xyzrgb  # noqa: E402
+from omnistream_perception.image_codec import image_to_depth  # noqa: E402
+from omnistream_perception.ros.image import camera_info_from_intrinsics, rgb_to_compressed, rgb_to_image  # noqa: E402
+from omnistream_perception.ros.perception_node import PerceptionNode  # noqa: E402
+from omnistream_perception.ros.pointcloud import pointcloud2_to_xyzrgb  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -287,7 +283,7 @@ def bad_messages():
 def test_bad_input_is_reported_and_dropped_and_the_node_keeps_serving(harness, fixture_a):
     from diagnostic_msgs.msg import DiagnosticArray
 
-    from omnistream_perception.diagnostics import status_values
+    from omnistream_perception.ros.diagnostics import status_values
 
     h = harness(fixture_a)
     features = h.subscribe("features", StreamFeatures)
@@ -320,7 +316,7 @@ def test_bad_input_is_reported_and_dropped_and_the_node_keeps_serving(harness, f
 
 
 def test_bad_input_burst_sets_warn_level(harness, fixture_a):
-    from omnistream_perception.diagnostics import WARN, status_values
+    from omnistream_perception.ros.diagnostics import WARN, status_values
 
     h = harness(fixture_a, diagnostics_period=60.0)  # publish by hand below
     h.subscribe("features", StreamFeatures)

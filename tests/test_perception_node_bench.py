@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("rclpy", reason="rclpy is not installed (make setup)")
 
+from omnistream_cli.benchmarks.node import parse_image_size  # noqa: E402
 from omnistream_cli.main import main  # noqa: E402
-from omnistream_perception.bench_node import parse_image_size  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.realtime]
 

@@ -28,8 +28,8 @@ from sensor_msgs.msg import Image  # noqa: E402
 from test_perception_node import bad_messages, wait_for  # noqa: E402
 
 from omnistream_msgs.msg import StreamFeatures  # noqa: E402
-from omnistream_perception.diagnostics import status_values  # noqa: E402
-from omnistream_perception.ros_image import rgb_to_image  # noqa: E402
+from omnistream_perception.ros.diagnostics import status_values  # noqa: E402
+from omnistream_perception.ros.image import rgb_to_image  # noqa: E402
 
 pytestmark = pytest.mark.ros
 

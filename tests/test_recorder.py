@@ -150,7 +150,7 @@ def test_live_session_records_and_converts(tmp_path):
     from std_srvs.srv import Trigger
 
     from omnistream_msgs.msg import EndEffectorAction
-    from omnistream_perception.ros_image import rgb_to_image
+    from omnistream_perception.ros.image import rgb_to_image
     from omnistream_train.bag_to_lerobot import BagConversionConfig, convert_bags
     from omnistream_train.lerobot_dataset import LeRobotDataset
     from omnistream_vla.recorder_node import RecorderNode

@@ -143,7 +143,7 @@ def test_latched_instruction_published_before_start_is_recorded_with_its_qos(tmp
     from std_msgs.msg import Float32MultiArray, String
     from std_srvs.srv import Trigger
 
-    from omnistream_perception.ros_image import rgb_to_image
+    from omnistream_perception.ros.image import rgb_to_image
     from omnistream_train.bag_to_lerobot import BagConversionConfig, convert_bags
     from omnistream_train.lerobot_dataset import LeRobotDataset
 

@@ -30,7 +30,7 @@ def sim_session(tmp_path_factory):
     from std_srvs.srv import Trigger
 
     from omnistream_msgs.msg import EndEffectorAction
-    from omnistream_perception.ros_image import rgb_to_image
+    from omnistream_perception.ros.image import rgb_to_image
     from omnistream_sim.tabletop import ScriptedExpert, TabletopConfig, TabletopEnv
     from omnistream_vla.recorder_node import RecorderNode
 

@@ -114,8 +114,8 @@ def _publish_frame(pubs, i: int, rng) -> None:
     from std_msgs.msg import Header
 
     from omnistream_msgs.msg import EndEffectorAction
-    from omnistream_perception.ros_image import camera_info_from_intrinsics, depth_to_msg, rgb_to_image
-    from omnistream_perception.ros_pointcloud import xyzrgb_to_pointcloud2
+    from omnistream_perception.ros.image import camera_info_from_intrinsics, depth_to_msg, rgb_to_image
+    from omnistream_perception.ros.pointcloud import xyzrgb_to_pointcloud2
 
     ns = T0 + i * DT
     header = Header(stamp=Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000), frame_id="omnistream_world")
@@ -143,7 +143,7 @@ def test_bridge_logs_a_stack_on_header_stamps(tmp_path):
     from sensor_msgs.msg import Image
     from std_msgs.msg import String
 
-    from omnistream_perception.rerun_bridge import RerunBridgeNode
+    from omnistream_perception.ros.rerun_bridge import RerunBridgeNode
 
     frames, path = 5, tmp_path / "bridge.rrd"
     rng = np.random.default_rng(1)

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from omnistream_sim.policies import RandomPolicy, make_policy
+from omnistream_cli.policies import make_policy
+from omnistream_sim.policies import RandomPolicy
 from omnistream_sim.policy import Policy
 from omnistream_sim.report import build_results, load_results, merge_results, summarize_records, write_results
 from omnistream_sim.rollout import run_episode

@@ -41,7 +41,7 @@ class Recording:
 
 
 def test_ros_episode_runs_in_lock_step_and_is_deterministic(debug_policy_dir):
-    from omnistream_sim.policies import RosPolicy, make_policy
+    from omnistream_cli.policies import RosPolicy, make_policy
     from omnistream_sim.rollout import evaluate_tabletop
     from omnistream_sim.tabletop import TabletopConfig
 
@@ -81,7 +81,7 @@ def test_ros_policy_via_cli(debug_policy_dir, tmp_path):
 
 
 def test_ros_policy_needs_a_policy_directory(tmp_path):
-    from omnistream_sim.policies import make_policy
+    from omnistream_cli.policies import make_policy
 
     with pytest.raises(ValueError, match="ros:DIR"):
         make_policy("ros")

@@ -11,19 +11,16 @@ pytest.importorskip("sensor_msgs.msg", reason="ROS 2 message wheels are not inst
 
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from omnistream_perception.ros_image import (  # noqa: E402
+from omnistream_perception.image_codec import compressed_to_rgb, image_to_depth, image_to_numpy, image_to_rgb  # noqa: E402
+from omnistream_perception.ros.image import (  # noqa: E402
     camera_info_from_intrinsics,
-    compressed_to_rgb,
     depth_to_msg,
-    image_to_depth,
-    image_to_numpy,
-    image_to_rgb,
     intrinsics_from_camera_info,
     numpy_to_image,
     rgb_to_compressed,
     rgb_to_image,
 )
-from omnistream_perception.ros_pointcloud import pointcloud2_to_xyzrgb, xyzrgb_to_pointcloud2  # noqa: E402
+from omnistream_perception.ros.pointcloud import pointcloud2_to_xyzrgb, xyzrgb_to_pointcloud2  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
@@ -152,7 +149,7 @@ def test_absurd_images_are_refused_from_their_header_before_decoding():
 
     from PIL import Image as PILImage
 
-    from omnistream_perception.ros_image import check_pixel_count
+    from omnistream_perception.image_codec import check_pixel_count
 
     # a raw image that declares 100000x100000 pixels: refused before its (here absent) data is looked at
     huge = Image(height=100_000, width=100_000, encoding="rgb8", step=300_000, data=b"")

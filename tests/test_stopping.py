@@ -122,7 +122,7 @@ SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(signal.SIGIN
 
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_perception_node_stops_on_signal(sig, process, fixture_a):
-    p = process([sys.executable, "-m", "omnistream_perception.perception_node", "--ros-args",
+    p = process([sys.executable, "-m", "omnistream_perception.ros.perception_node", "--ros-args",
                  "-p", f"checkpoint:={fixture_a}"])  # fmt: skip
     p.wait_for_output("perception on camera")
     _assert_clean_stop(p, sig)
@@ -210,7 +210,7 @@ SLOW_START = """
 import sys, time
 import rclpy
 from rclpy.node import Node
-from omnistream_perception.node_main import run_node
+from omnistream_perception.ros.node_main import run_node
 
 def make_node():
     print("building", flush=True)

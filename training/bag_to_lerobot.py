@@ -26,7 +26,7 @@ Supported message types:
                (positions), std_msgs/msg/Float32MultiArray / Float64MultiArray (data)
   state        the same as action, plus geometry_msgs/msg/PoseStamped (x y z qx qy qz qw)
   instruction  std_msgs/msg/String
-Images are decoded with ``omnistream_perception.ros_image`` (the same code the nodes use).
+Images are decoded with ``omnistream_perception.ros.image`` (the same code the nodes use).
 """
 
 from __future__ import annotations
@@ -187,11 +187,11 @@ def _load_images(bag: Path, stream: _Stream, indices: np.ndarray) -> list[np.nda
 
 def decode_image(msg: Any, msgtype: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB from a rosbags-deserialised Image/CompressedImage (duck-typed like rclpy's)."""
-    from omnistream_perception import ros_image
+    from omnistream_perception import image_codec
 
     if msgtype == "sensor_msgs/msg/Image":
-        return ros_image.image_to_rgb(msg)
-    return ros_image.compressed_to_rgb(msg)
+        return image_codec.image_to_rgb(msg)
+    return image_codec.compressed_to_rgb(msg)
 
 
 def _nearest(times: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench_report import write_json_report
+from omnistream_perception.bench_report import write_json_report
 
 OVERHEAD_BUDGET_MS = 10.0  # the issue's bound on node overhead per frame at 640x480
 
@@ -52,8 +52,8 @@ def make_frames(width: int, height: int, count: int = 8, seed: int = 0) -> list[
 
 def build_checkpoint(preset: str, directory: Path, heads: bool) -> Path:
     """A random-weights backbone preset (+ random geometry heads) saved as a node checkpoint."""
-    from .model import OmniStreamModel
-    from .model.heads import GeometryHeads, GeometryHeadsConfig
+    from omnistream_perception.model import OmniStreamModel
+    from omnistream_perception.model.heads import GeometryHeads, GeometryHeadsConfig
 
     model = OmniStreamModel.from_preset(preset)
     model.save_pretrained(directory)
@@ -111,11 +111,10 @@ def benchmark_node(
     from sensor_msgs.msg import Image
 
     from omnistream_msgs.msg import StreamFeatures
-
-    from .memory import resident_bytes
-    from .perception import PerceptionSession
-    from .perception_node import PerceptionNode
-    from .ros_image import rgb_to_image
+    from omnistream_perception.memory import resident_bytes
+    from omnistream_perception.perception import PerceptionSession
+    from omnistream_perception.ros.image import rgb_to_image
+    from omnistream_perception.ros.perception_node import PerceptionNode
 
     width, height = image_size
     images = make_frames(width, height)
@@ -279,7 +278,7 @@ class NullModelStandIn:
 
 
 def _node_only(cam, image_pub, outputs, images, result, first_stamp, count, progress=False) -> dict[str, Any]:
-    from .ros_image import rgb_to_image
+    from omnistream_perception.ros.image import rgb_to_image
 
     if count <= 0:
         return {}
@@ -311,8 +310,8 @@ def _node_only(cam, image_pub, outputs, images, result, first_stamp, count, prog
 
 
 def _realtime(node, cam, image_pub, outputs, images, count, rate_hz, extra_model_ms, first_stamp, progress) -> dict:
-    from .memory import resident_bytes
-    from .ros_image import rgb_to_image
+    from omnistream_perception.memory import resident_bytes
+    from omnistream_perception.ros.image import rgb_to_image
 
     with cam.pipeline.lock:
         cam.pipeline.restart()

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", dest="json_path", default=None, help="write the results here")
 
     def _node(args: argparse.Namespace) -> int:
-        from omnistream_perception.bench_node import run_node_benchmark
+        from omnistream_cli.benchmarks.node import run_node_benchmark
 
         return run_node_benchmark(args)
 
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _contention(args: argparse.Namespace) -> int:
-    from omnistream_cli.bench_contention import run_contention_benchmark
+    from omnistream_cli.benchmarks.contention import run_contention_benchmark
 
     return run_contention_benchmark(args)
 

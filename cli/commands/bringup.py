@@ -108,7 +108,7 @@ def _bringup(args: argparse.Namespace) -> int:
 
     import rclpy
 
-    from omnistream_perception.bringup import create_nodes, default_launch_file, load_launch_file, spin_nodes
+    from omnistream_perception.ros.bringup import create_nodes, default_launch_file, load_launch_file, spin_nodes
 
     launch_file = Path(args.launch) if args.launch else default_launch_file(args.with_vla)
     try:

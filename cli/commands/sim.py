@@ -147,9 +147,9 @@ def _eval_env(args: argparse.Namespace) -> int:
 
 def _eval_calvin(args: argparse.Namespace) -> int:
     """``omnistream sim eval --env calvin``: the real simulator through the official protocol."""
+    from omnistream_cli.policies import make_policy
     from omnistream_sim.calvin import NUM_CHAINS, generate_chains, load_instructions, run_evaluation, select_chains
     from omnistream_sim.calvin.env import make_calvin_env, resolve_calvin_env_root
-    from omnistream_sim.policies import make_policy
 
     if args.videos < 0:
         raise UserError(f"--videos must be >= 0, got {args.videos}")
@@ -197,7 +197,7 @@ def _eval_calvin(args: argparse.Namespace) -> int:
 
 def _eval_simpler(args: argparse.Namespace) -> int:
     """``omnistream sim eval --env simpler``: needs ``simpler_env`` (a GPU machine with Vulkan)."""
-    from omnistream_sim.policies import make_policy
+    from omnistream_cli.policies import make_policy
     from omnistream_sim.simpler import (
         EPISODES_PER_TASK,
         SimplerBridgeEnv,
@@ -244,7 +244,7 @@ def _eval_tabletop(args: argparse.Namespace) -> int:
         raise UserError(f"--episodes must be >= 1, got {args.episodes}")
     if args.videos < 0:
         raise UserError(f"--videos must be >= 0, got {args.videos}")
-    from omnistream_sim.policies import make_policy
+    from omnistream_cli.policies import make_policy
     from omnistream_sim.tabletop import TabletopConfig
     from omnistream_sim.tabletop.tasks import resolve_tasks
 

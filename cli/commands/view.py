@@ -51,8 +51,8 @@ def _view(args: argparse.Namespace) -> int:
 
     import rclpy
 
-    from omnistream_perception.bringup import spin_nodes
-    from omnistream_perception.rerun_bridge import RerunBridgeNode
+    from omnistream_perception.ros.bringup import spin_nodes
+    from omnistream_perception.ros.rerun_bridge import RerunBridgeNode
     from omnistream_perception.visualization import ViewTopics
 
     topics = ViewTopics(args.image, args.depth, args.depth_info, args.points, args.pose, args.instruction, args.action)

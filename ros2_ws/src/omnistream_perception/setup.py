@@ -22,7 +22,7 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "perception_node = omnistream_perception.perception_node:main",
+            "perception_node = omnistream_perception.ros.perception_node:main",
         ],
     },
 )

@@ -15,7 +15,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
-from omnistream_perception.launch_support import camera_info_topic
+from omnistream_perception.ros.launch_support import camera_info_topic
 from omnistream_perception.transport import large_data_env
 
 

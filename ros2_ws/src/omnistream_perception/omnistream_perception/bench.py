@@ -28,6 +28,9 @@ PAPER_H800 = {  # paper Table 9, ViT-L/16 at 224, one H800: T -> (stream s, reco
 }
 
 
+COSINE_FRAMES = 64  # a reduced-precision run is checked against float32 over this many streamed frames
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -42,6 +45,85 @@ def _timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
         _sync(device)
         times.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(times), result
+
+
+def step_gflop(
+    config, resolution: int | tuple[int, int], key_frames: int, frames: int = 1, camera_token=False
+) -> float:
+    """Matmul GFLOP (2 per multiply-add) of a streaming step of ``frames`` frames attending over ``key_frames``
+    frames (the cached ones plus the step's own), counted from the config: patch embedding, qkv/proj/FFN
+    matmuls and both attention products. Norms, GELU and RoPE are elementwise and left out; a multi-frame
+    step counts its full (masked) score matrix, as the fused kernel computes it."""
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    p, d = config.patch_size, config.hidden_size
+    patches = (h // p) * (w // p)
+    n = frames * (1 + int(camera_token) + config.num_register_tokens + patches)  # query tokens of the step
+    keys = key_frames * n // frames
+    if config.ffn_layer == "mlp":
+        ffn = 2 * d * config.mlp_hidden_size
+    else:  # SwiGLU: hidden rounded up to a multiple of 8, three matrices
+        hidden = int(config.mlp_hidden_size * 2 / 3)
+        hidden += -hidden % 8
+        ffn = 3 * d * hidden
+    per_block = 2 * n * (3 * d * d + d * d + ffn) + 2 * 2 * n * keys * d
+    embed = 2 * frames * patches * (3 * p * p) * d + (2 * d if camera_token else 0)  # + aspect-ratio embedder
+    return (embed + config.depth * per_block) / 1e9
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 3) -> float:
+    """Best-of-``repeats`` GFLOP/s of one ``size``^3 matmul in ``dtype`` with the current thread count: the
+    machine's practical peak for this dtype, measured in the same process as the model."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):  # the first is a warm-up
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@torch.inference_mode()
+def stream_cosine(
+    reference: OmniStreamModel,
+    model: OmniStreamModel,
+    frames: int,
+    resolution: int,
+    *,
+    window: int | None = None,
+    sink: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Streams the same ``frames`` random frames through ``reference`` (float32) and ``model`` (a reduced
+    precision copy) and returns the lowest per-frame cosine similarity of the patch features and of the CLS
+    token, over all frames: the accuracy side of a reduced-precision speed figure."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(seed)
+    ref_stream = reference.stream(window=window, sink=sink)
+    low_stream = model.stream(window=window, sink=sink)
+    patch_cos, cls_cos = [], []
+    for _ in range(frames):
+        frame = torch.randn(1, 3, resolution, resolution, generator=generator).to(device)
+        ref, low = ref_stream.step(frame), low_stream.step(frame.to(dtype))
+        patch_cos.append(
+            torch.nn.functional.cosine_similarity(ref.last_hidden_state, low.last_hidden_state.float(), dim=-1).min()
+        )
+        cls_cos.append(
+            torch.nn.functional.cosine_similarity(ref.pooler_output, low.pooler_output.float(), dim=-1).min()
+        )
+    return {
+        "frames": frames,
+        "patch_cosine_min": round(float(torch.stack(patch_cos).min()), 6),
+        "cls_cosine_min": round(float(torch.stack(cls_cos).min()), 6),
+    }
 
 
 def _prefill(stream, frames: torch.Tensor, upto: int, chunk: int = 16) -> None:
@@ -64,7 +146,10 @@ def benchmark_stream(
     repeats: int = 5,
     recompute: bool = True,
     progress=None,
+    peak_gflops: float | None = None,
 ) -> list[dict]:
+    """One row per context length; with ``peak_gflops`` (see :func:`matmul_peak_gflops`) each row also says
+    which fraction of it the step achieves."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -97,6 +182,7 @@ def benchmark_stream(
                 times.append(elapsed)
         stream_ms = statistics.median(times)
         restore()
+        gflop = step_gflop(model.config, resolution, stream.cached_frames + 1, camera_token=stream.camera_token)
         base = resident_bytes() if device.type == "cpu" else 0
         _, stream_peak = measure_peak(step, device)
         # CPU: resident growth during the step + what was already resident for streaming (weights, cache)
@@ -106,7 +192,11 @@ def benchmark_stream(
             "stream_ms": round(stream_ms, 3),
             "stream_peak_mb": round(stream_peak / 2**20, 1),
             "cached_frames": stream.cached_frames,
+            "gflop": round(gflop, 4),
+            "gflops": round(gflop / (stream_ms / 1000.0), 1),
         }
+        if peak_gflops:
+            row["peak_fraction"] = round(row["gflops"] / peak_gflops, 3)
         if recompute:
             full = clip[:, [i % clip.shape[1] for i in range(t)]]
             with torch.inference_mode():
@@ -160,16 +250,23 @@ def run_stream_benchmark(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = as_dtype(args.dtype)
     if args.checkpoint:
-        model = OmniStreamModel.from_pretrained(args.checkpoint, device=device, dtype=dtype)
+        reference = OmniStreamModel.from_pretrained(args.checkpoint, device=device)
         preset = str(args.checkpoint)
     else:
-        model = OmniStreamModel.from_preset(args.preset).to(device=device, dtype=dtype).eval()
+        reference = OmniStreamModel.from_preset(args.preset).to(device=device).eval()
         preset = args.preset
+    model = reference if dtype in (None, torch.float32) else copy.deepcopy(reference).to(dtype=dtype)
     console = Console()
+    if not console.is_terminal:  # piped or logged: the whole table, not one folded to 80 columns
+        console = Console(width=140)
     console.print(
         f"[bold]bench stream[/] preset={preset} resolution={args.resolution} device={device} dtype={args.dtype} "
         f"window={args.window} sink={args.sink} threads={torch.get_num_threads()}"
     )
+    dtype = next(model.parameters()).dtype
+    # The peak is probed before and after the runs, the higher one counting: a busy machine lowers both the
+    # model's and the probe's figure, and a fraction is only meaningful against what the cores gave right then.
+    peak = matmul_peak_gflops(dtype, device)
     results = benchmark_stream(
         model,
         frames,
@@ -181,8 +278,31 @@ def run_stream_benchmark(args) -> int:
         recompute=not args.no_recompute,
         progress=lambda row: console.print(f"  T={row['frames']}: stream {row['stream_ms']:.1f} ms", highlight=False),
     )
+    if getattr(args, "backend", "torch") == "onnxruntime":
+        from .deploy.bench_onnx import add_onnxruntime_timings
+
+        add_onnxruntime_timings(
+            model, results, args.resolution, window=args.window, sink=args.sink, repeats=args.repeats, console=console
+        )
+    peak = max(peak, matmul_peak_gflops(dtype, device))
+    cosine = None
+    if model is not reference:
+        with console.status(f"{COSINE_FRAMES}-frame cosine check against float32"):
+            cosine = stream_cosine(reference, model, COSINE_FRAMES, args.resolution, window=args.window, sink=args.sink)
+        console.print(
+            f"{dtype_name(dtype)} vs float32 over {COSINE_FRAMES} streamed frames: cosine min "
+            f"{cosine['patch_cosine_min']:.5f} (patch features), {cosine['cls_cosine_min']:.5f} (CLS)",
+            highlight=False,
+        )
+    for r in results:
+        r["peak_fraction"] = round(r["gflops"] / peak, 3)
+    console.print(
+        f"matmul peak ({dtype_name(dtype)}, 2048^3, {torch.get_num_threads()} threads): {peak:.0f} GFLOP/s",
+        highlight=False,
+    )
     table = Table(title=f"T-th frame latency and peak memory ({device}, {preset}, {args.resolution}px)")
-    for col in ("T", "cached", "stream ms", "recompute ms", "speedup", "stream MB", "recompute MB"):
+    columns = ("T", "cached", "stream ms", "GFLOP", "GFLOP/s", "% peak", "recompute ms", "speedup", "stream MB")
+    for col in (*columns, "recompute MB"):
         table.add_column(col, justify="right")
     for r in results:
         fmt = lambda v, f="{:.1f}": "-" if v is None else f.format(v)  # noqa: E731
@@ -190,6 +310,9 @@ def run_stream_benchmark(args) -> int:
             str(r["frames"]),
             str(r["cached_frames"]),
             fmt(r["stream_ms"]),
+            fmt(r["gflop"], "{:.2f}"),
+            fmt(r["gflops"], "{:.0f}"),
+            fmt(100 * r["peak_fraction"], "{:.0f}%"),
             fmt(r["recompute_ms"]),
             fmt(r["speedup"], "{:.1f}x"),
             fmt(r["stream_peak_mb"], "{:.0f}"),
@@ -203,6 +326,9 @@ def run_stream_benchmark(args) -> int:
         "dtype": args.dtype,
         "window": args.window,
         "sink": args.sink,
+        "threads": torch.get_num_threads(),
+        "peak_gflops": round(peak, 1),
+        "cosine_vs_float32": cosine,
         "results": results,
     }
     write_json_report(report, args.json_path, console)

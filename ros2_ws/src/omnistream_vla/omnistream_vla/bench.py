@@ -20,6 +20,16 @@ import torch
 from omnistream_perception.bench_report import device_label, write_json_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The policy `make demo` trains (training.vla's "demo" preset: the debug LLM, 128 px frames unpooled, visual
+# positions, the instruction first, the robot state as a token), rebuilt here so it can be timed without a checkpoint.
+DEMO_POLICY = dict(
+    image_size=128,
+    pool=1,
+    visual_positions=True,
+    instruction_first=True,
+    cameras=("static",),
+    state_names=("tcp_x", "tcp_y", "tcp_z", "gripper_opening", "gripper_action"),
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -53,12 +63,15 @@ def build_bench_policy(preset: str, checkpoint: str | None, device: torch.device
             policy._ensure_backbone()
         return policy.eval()
     torch.manual_seed(0)
-    config = OmniStreamVLAConfig.preset(preset, backbone=None, llm_dtype=dtype)
-    if preset != "debug":
+    if preset == "demo":
+        config = OmniStreamVLAConfig.preset("debug", backbone=None, llm_dtype=dtype, **DEMO_POLICY)
+    else:
+        config = OmniStreamVLAConfig.preset(preset, backbone=None, llm_dtype=dtype)
+    if preset not in ("debug", "demo"):
         config.vision_hidden_size = 1024  # the published ViT-L backbone
     backbone = None
     if images:
-        backbone_preset = "debug" if preset == "debug" else "large"
+        backbone_preset = "debug" if preset in ("debug", "demo") else "large"
         backbone = OmniStreamModel.from_preset(backbone_preset)
     policy = OmniStreamVLAPolicy(config, llm=build_llm(config, random_weights=True), backbone=backbone)
     return policy.to(device).eval()
@@ -71,6 +84,8 @@ def benchmark_vla(policy, repeats: int = 5, chunks: int = 3, images: bool = Fals
     features = torch.randn(1, config.tokens_per_camera, config.vision_hidden_size, generator=generator)
     observation = {f"observation.features.{cam}": features.to(device) for cam in config.cameras}
     observation["task"] = ["pick up the red block and place it in the drawer"]
+    if config.state_names:
+        observation["observation.state"] = torch.randn(1, len(config.state_names), generator=generator).to(device)
     processor = policy.processor
     counter = iter(range(10**9))
     tokenize_ms = _median_ms(lambda: processor.encode_instruction(f"open the drawer {next(counter)}"), device, repeats)
@@ -86,6 +101,8 @@ def benchmark_vla(policy, repeats: int = 5, chunks: int = 3, images: bool = Fals
             backbone_ms = _median_ms(lambda: policy.encode_images(frame), device, repeats)
             step_observation = {f"observation.images.{cam}": frame for cam in config.cameras}
             step_observation["task"] = observation["task"]
+            if config.state_names:
+                step_observation["observation.state"] = observation["observation.state"]
         else:
             step_observation = observation
         policy.reset()

@@ -47,7 +47,7 @@ from rclpy.serialization import deserialize_message
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from omnistream_perception.node_main import run_node
+from omnistream_perception.ros.node_main import run_node
 
 from .recording import (
     RECORDER_PARAMETERS,

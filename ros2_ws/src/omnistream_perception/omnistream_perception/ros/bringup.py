@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_SRC = Path(__file__).resolve().parents[2]  # ros2_ws/src in a checkout
+_SRC = Path(__file__).resolve().parents[3]  # ros2_ws/src in a checkout
 REPO_ROOT = _SRC.parents[1]
 
 

@@ -14,10 +14,10 @@ from std_msgs.msg import Header
 
 from omnistream_msgs.msg import StreamFeatures
 
-from .camera_pipeline import Wanted
-from .model.geometry import matrix_to_quaternion
-from .ros_image import camera_info_from_intrinsics, depth_to_msg, intrinsics_from_camera_info
-from .ros_pointcloud import xyzrgb_to_pointcloud2
+from ..camera_pipeline import Wanted
+from ..model.geometry import matrix_to_quaternion
+from .image import camera_info_from_intrinsics, depth_to_msg, intrinsics_from_camera_info
+from .pointcloud import xyzrgb_to_pointcloud2
 
 
 def stamp_ns(msg) -> int:
@@ -26,7 +26,7 @@ def stamp_ns(msg) -> int:
 
 
 def features_message(result, header) -> StreamFeatures:
-    from .features_codec import fill_features_message
+    from ..features_codec import fill_features_message
 
     return fill_features_message(
         StreamFeatures(), result.patch_tokens, result.cls_token, result.camera_token, result.frame_index, header

@@ -20,10 +20,11 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from std_msgs.msg import String
 
-from .camera_pipeline import LogThrottle, subscription_reliability
-from .ros_image import compressed_to_rgb, image_to_depth, image_to_rgb, intrinsics_from_camera_info
-from .ros_pointcloud import pointcloud2_to_xyzrgb
-from .visualization import RerunLog, ViewTopics
+from ..camera_pipeline import LogThrottle, subscription_reliability
+from ..image_codec import compressed_to_rgb, image_to_depth, image_to_rgb
+from ..visualization import RerunLog, ViewTopics
+from .image import intrinsics_from_camera_info
+from .pointcloud import pointcloud2_to_xyzrgb
 
 NODE_NAME = "omnistream_view"
 # Reliable outputs of the stack (perception_node, vla_node publish reliable): a reliable subscription gets large

@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from omnistream_perception.features_codec import batch_key
+
 from ..normalization import ActionNormalizer
 from .configuration_omnistream_vla import OmniStreamVLAConfig
 from .processor_omnistream_vla import OmniStreamVLAProcessor, load_tokenizer
@@ -337,15 +339,15 @@ class OmniStreamVLAPolicy(nn.Module):
         device = self.action_query.device
         per_camera = []
         for cam in self.config.cameras:
-            if f"observation.features.{cam}" in batch:
-                tokens = torch.as_tensor(batch[f"observation.features.{cam}"]).to(device, torch.float32)
+            if batch_key(cam) in batch:
+                tokens = torch.as_tensor(batch[batch_key(cam)]).to(device, torch.float32)
                 if tokens.ndim != 3 or tokens.shape[-1] != self.config.vision_hidden_size:
                     raise ValueError(
                         f"observation.features.{cam} must be (B, n, {self.config.vision_hidden_size}), "
                         f"got {tuple(tokens.shape)}"
                     )
-            elif f"observation.patch_tokens.{cam}" in batch:
-                grid = torch.as_tensor(batch[f"observation.patch_tokens.{cam}"]).to(device, torch.float32)
+            elif batch_key(cam, pooled=False) in batch:
+                grid = torch.as_tensor(batch[batch_key(cam, pooled=False)]).to(device, torch.float32)
                 tokens = self.processor.pool_patch_tokens(grid)
             elif f"observation.images.{cam}" in batch:
                 tokens = self.encode_images(batch[f"observation.images.{cam}"])
@@ -388,6 +390,14 @@ class OmniStreamVLAPolicy(nn.Module):
         grid = out.last_hidden_state[:, 0].reshape(pixels.shape[0], h, w, -1)
         return self.processor.pool_patch_tokens(grid)
 
+    def project_visual(self, visual: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per camera (B, n, D_v) pooled tokens -> (B, n, H) LLM embeddings: the projector plus, with
+        ``config.visual_positions``, where each token sits (shared with the VLM stage, omnistream_train.vlm)."""
+        projected = [self.projector(v) for v in visual]
+        if self.visual_positions is not None:
+            projected = [t + self.visual_positions(t.shape[1], c).to(t.dtype) for c, t in enumerate(projected)]
+        return projected
+
     def build_inputs(
         self, visual: list[torch.Tensor], instructions: list[str], state: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -403,10 +413,7 @@ class OmniStreamVLAPolicy(nn.Module):
             raise ValueError(f"{len(instructions)} instructions for a batch of {batch_size}")
         embed = self.llm.get_input_embeddings()
         device, dtype = embed.weight.device, embed.weight.dtype
-        projected = [self.projector(v) for v in visual]
-        if self.visual_positions is not None:
-            projected = [t + self.visual_positions(t.shape[1], c).to(t.dtype) for c, t in enumerate(projected)]
-        projected = [t.to(dtype) for t in projected]
+        projected = [t.to(dtype) for t in self.project_visual(visual)]
         query = self.action_query.to(dtype).view(1, -1)
         state_tokens = self.state_encoder(state).to(dtype) if state is not None else None
 
