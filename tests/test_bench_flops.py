@@ -7,7 +7,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from omnistream_perception.bench import benchmark_stream, matmul_peak_gflops, step_gflop
+from omnistream_cli.benchmarks.stream import benchmark_stream, matmul_peak_gflops, step_gflop
 from omnistream_perception.model import OmniStreamModel
 
 

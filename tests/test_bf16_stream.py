@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from omnistream_perception.bench import stream_cosine
+from omnistream_cli.benchmarks.stream import stream_cosine
 from omnistream_perception.model import OmniStreamModel
 
 

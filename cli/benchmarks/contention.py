@@ -118,8 +118,9 @@ def run_contention_benchmark(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from omnistream_perception.bench_report import write_json_report
     from omnistream_perception.cpu_threads import ENVIRONMENT_DEFAULTS, available_cores, default_threads
+
+    from .report import write_json_report
 
     console = Console()
     policy = {key: os.environ.get(key, "(unset)") for key in ENVIRONMENT_DEFAULTS}

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from omnistream_perception.bench_report import write_json_report
+from .report import write_json_report
 
 OVERHEAD_BUDGET_MS = 10.0  # the bound on node overhead per frame at 640x480
 

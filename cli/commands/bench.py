@@ -97,12 +97,12 @@ def _contention(args: argparse.Namespace) -> int:
 
 
 def _stream(args: argparse.Namespace) -> int:
-    from omnistream_perception.bench import run_stream_benchmark
+    from omnistream_cli.benchmarks.stream import run_stream_benchmark
 
     return run_stream_benchmark(args)
 
 
 def _vla(args: argparse.Namespace) -> int:
-    from omnistream_vla.bench import run_vla_benchmark
+    from omnistream_cli.benchmarks.vla import run_vla_benchmark
 
     return run_vla_benchmark(args)

@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _user_error(exc: Exception):
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     return UserError(str(exc))
 

@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def parse_resolution(text: str, patch_size: int = 16) -> tuple[int, int]:
     """``"224"`` -> (224, 224); ``"640x480"`` (width x height) -> (480, 640); multiples of the patch size."""
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     parts = str(text).lower().split("x")
     try:
@@ -57,7 +57,7 @@ def parse_resolution(text: str, patch_size: int = 16) -> tuple[int, int]:
 def _onnx(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     try:
         import onnx  # noqa: F401

@@ -163,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------------------
 def _parse_overrides(items: list[str]) -> dict:
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     out = {}
     for item in items:
@@ -200,7 +200,7 @@ def _report(result: dict, out: str) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     _threads(args)
     from omnistream_train.config import PretrainConfig
@@ -244,7 +244,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _heads(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     checkpoint = str(args.checkpoint)
     # Anything but a hub id (org/name) is a path: a missing one is a typo, not a request for --save-to.
@@ -275,7 +275,7 @@ def _heads(args: argparse.Namespace) -> int:
 
 
 def _vla_plan(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
     from omnistream_train.plan import format_plan, plan_vla
     from omnistream_train.vla import VLATrainConfig
 
@@ -291,7 +291,7 @@ def _vla_plan(args: argparse.Namespace) -> int:
 
 
 def _vla(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     if args.plan:
         return _vla_plan(args)
@@ -327,7 +327,7 @@ def _vla(args: argparse.Namespace) -> int:
 
 
 def _vlm(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     _threads(args)
     from omnistream_train.config import VLMTrainConfig
@@ -366,7 +366,7 @@ def _vlm(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     _threads(args)
     from omnistream_train.probe import ProbeConfig, probe_table, run_probe

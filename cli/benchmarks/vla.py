@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from omnistream_perception.bench_report import device_label, write_json_report
+from .report import device_label, write_json_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The policy `make demo` trains (training.vla's "demo" preset: the debug LLM, 128 px frames unpooled, visual
@@ -53,9 +53,8 @@ def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float
 def build_bench_policy(preset: str, checkpoint: str | None, device: torch.device, dtype: str, images: bool):
     """A policy to time: the checkpoint, or the preset with random weights (LLM and backbone of the real shapes)."""
     from omnistream_perception.model import OmniStreamModel
-
-    from .policy import OmniStreamVLAConfig, OmniStreamVLAPolicy
-    from .policy.modeling_omnistream_vla import build_llm
+    from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy
+    from omnistream_vla.policy.modeling_omnistream_vla import build_llm
 
     if checkpoint:
         policy = OmniStreamVLAPolicy.from_pretrained(checkpoint, device=device)
@@ -141,7 +140,7 @@ def run_vla_benchmark(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     if args.repeats < 1 or args.chunks < 1:
         raise UserError("--repeats and --chunks must be >= 1")

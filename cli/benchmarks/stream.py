@@ -13,10 +13,11 @@ import time
 
 import torch
 
-from .bench_report import device_label, write_json_report
-from .memory import measure_peak, resident_bytes
-from .model import OmniStreamModel
-from .model.streaming import as_dtype
+from omnistream_perception.memory import measure_peak, resident_bytes
+from omnistream_perception.model import OmniStreamModel
+from omnistream_perception.model.streaming import as_dtype
+
+from .report import device_label, write_json_report
 
 PAPER_H800 = {  # paper Table 9, ViT-L/16 at 224, one H800: T -> (stream s, recompute s)
     16: (0.042, 0.125),
@@ -235,7 +236,7 @@ def run_stream_benchmark(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from omnistream_cli.main import UserError
+    from omnistream_cli.errors import UserError
 
     try:
         frames = sorted({int(f) for f in str(args.frames).split(",") if f.strip()})
@@ -279,7 +280,7 @@ def run_stream_benchmark(args) -> int:
         progress=lambda row: console.print(f"  T={row['frames']}: stream {row['stream_ms']:.1f} ms", highlight=False),
     )
     if getattr(args, "backend", "torch") == "onnxruntime":
-        from .deploy.bench_onnx import add_onnxruntime_timings
+        from omnistream_perception.deploy.bench_onnx import add_onnxruntime_timings
 
         add_onnxruntime_timings(
             model, results, args.resolution, window=args.window, sink=args.sink, repeats=args.repeats, console=console
