@@ -20,7 +20,7 @@ from omnistream_perception.camera_pipeline import (
     subscription_reliability,
 )
 from omnistream_perception.perception import PerceptionConfig, PerceptionSession
-from omnistream_perception.ros.parameters import PARAMETERS, validate_parameter
+from omnistream_perception.ros.perception_parameters import PARAMETERS, validate_parameter
 
 SEC = 1_000_000_000
 NOW = 1_700_000_000 * SEC  # the node's clock in these tests

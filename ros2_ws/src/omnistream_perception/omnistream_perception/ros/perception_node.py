@@ -7,9 +7,9 @@ Per camera (default: one camera on the relative, remappable topics ``image``, ``
 (PointCloud2 xyz + rgb), ``/diagnostics`` (rate, latency, cache, dropped frames, frames received vs expected,
 errors) and the ``~/reset`` service (Trigger). Depth, pose and points need geometry heads in the checkpoint.
 
-The ROS side only: parameters (table in ``ros.parameters``), topics, timers. What happens to a frame (newest
+The ROS side only: parameters (table in ``perception_parameters``), topics, timers. What happens to a frame (newest
 frame wins, stamp checks, restarts, output gating, transport notices) is ``camera_pipeline`` (rclpy-free); messages
-are built in ``ros.messages``. With ``image_reliability: auto`` the image subscriptions follow the camera
+are built in ``perception_messages``. With ``image_reliability: auto`` the image subscriptions follow the camera
 publisher's reliability (reliable when it is: large images then arrive whole between processes).
 """
 
@@ -44,10 +44,10 @@ from ..camera_pipeline import (
 from ..image_codec import compressed_to_rgb, image_to_rgb
 from ..transport import large_data_env
 from .diagnostics import DiagnosticsPublisher
-from .messages import given_intrinsics, output_messages, stamp_ns
 from .node_main import run_node
-from .parameters import PARAMETERS, validate_parameter  # noqa: F401 - the node's table, re-exported
-from .params import declare_parameters, parameter_value
+from .node_params import declare_parameters, parameter_value
+from .perception_messages import given_intrinsics, output_messages, stamp_ns
+from .perception_parameters import PARAMETERS, validate_parameter  # noqa: F401 - the node's table, re-exported
 
 NODE_NAME = "perception_node"
 SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=qos_profile_sensor_data.reliability)

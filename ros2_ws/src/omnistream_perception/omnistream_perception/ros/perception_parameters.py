@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from ..perception import CAMERA_TOKEN_CHOICES
-from .params import ParamSpec, integer_in, non_empty, number_in, one_of, problem
+from .node_params import ParamSpec, integer_in, non_empty, number_in, one_of, problem
 
 _CAMERA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
