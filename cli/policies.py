@@ -134,7 +134,7 @@ class RosPolicy:
 
         from omnistream_msgs.msg import EndEffectorAction
         from omnistream_perception.ros.perception_node import PerceptionNode
-        from omnistream_vla.vla_node import VLANode
+        from omnistream_vla.ros.vla_node import VLANode
 
         def params(values: dict[str, Any]) -> list:
             return [Parameter(k, value=v) for k, v in values.items()]

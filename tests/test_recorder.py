@@ -153,7 +153,7 @@ def test_live_session_records_and_converts(tmp_path):
     from omnistream_perception.ros.image import rgb_to_image
     from omnistream_train.bag_to_lerobot import BagConversionConfig, convert_bags
     from omnistream_train.lerobot_dataset import LeRobotDataset
-    from omnistream_vla.recorder_node import RecorderNode
+    from omnistream_vla.ros.recorder_node import RecorderNode
 
     fps, frames_per_episode, period_ns = 20, 8, 50_000_000
     rclpy.init()
@@ -259,7 +259,7 @@ def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
 
     out = tmp_path / "bags"
     cmd = [  # the console script `recorder_node` runs this module's main()
-        sys.executable, "-m", "omnistream_vla.recorder_node", "--ros-args",
+        sys.executable, "-m", "omnistream_vla.ros.recorder_node", "--ros-args",
         "-p", "topics:=['/seq']", "-p", f"output_dir:={out}", "-p", "bag_name:=killed",
         "-p", "chunk_duration_s:=0.3", "-p", "min_free_mb:=0.0",
     ]  # fmt: skip
@@ -330,7 +330,7 @@ def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
     from std_msgs.msg import Float32MultiArray, String
     from std_srvs.srv import Trigger
 
-    from omnistream_vla.recorder_node import RecorderNode
+    from omnistream_vla.ros.recorder_node import RecorderNode
 
     rclpy.init()
     try:
@@ -406,7 +406,7 @@ def test_signal_mid_episode_writes_everything(tmp_path, sig):
 
     out = tmp_path / "bags"
     cmd = [
-        sys.executable, "-m", "omnistream_vla.recorder_node", "--ros-args",
+        sys.executable, "-m", "omnistream_vla.ros.recorder_node", "--ros-args",
         "-p", "topics:=['/seq']", "-p", f"output_dir:={out}", "-p", "bag_name:=clean",
         "-p", "chunk_duration_s:=60.0", "-p", "min_free_mb:=0.0",
     ]  # fmt: skip

@@ -124,7 +124,7 @@ def ros():
 def _recorder(tmp_path, **params):
     from rclpy.parameter import Parameter
 
-    from omnistream_vla.recorder_node import RecorderNode
+    from omnistream_vla.ros.recorder_node import RecorderNode
 
     namespace = params.pop("namespace", None)
     values = {"output_dir": str(tmp_path / "bags"), "bag_name": "b", "min_free_mb": 0.0, **params}
@@ -311,7 +311,7 @@ def test_publisher_with_weaker_qos_appearing_later_is_heard(tmp_path, ros):
 
 
 def _run(args: list[str], tmp_path: Path, **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "omnistream_vla.recorder_node", "--ros-args", *args]
+    cmd = [sys.executable, "-m", "omnistream_vla.ros.recorder_node", "--ros-args", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
 
 
@@ -330,7 +330,7 @@ def test_bad_start_parameter_is_one_fatal_line_and_exit_2(tmp_path, param, words
 
 
 def test_params_file_is_keyed_by_the_node_name():
-    from omnistream_vla.recorder_node import NODE_NAME
+    from omnistream_vla.ros.recorder_node import NODE_NAME
 
     (key,) = yaml.safe_load(PARAMS_FILE.read_text())
     assert key == f"/**/{NODE_NAME}"

@@ -32,7 +32,7 @@ def sim_session(tmp_path_factory):
     from omnistream_msgs.msg import EndEffectorAction
     from omnistream_perception.ros.image import rgb_to_image
     from omnistream_sim.tabletop import ScriptedExpert, TabletopConfig, TabletopEnv
-    from omnistream_vla.recorder_node import RecorderNode
+    from omnistream_vla.ros.recorder_node import RecorderNode
 
     out = tmp_path_factory.mktemp("sim_bags")
     topics = ["/static/image", "/wrist/image", "/robot_state", "/ee_action"]

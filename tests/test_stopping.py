@@ -130,7 +130,7 @@ def test_perception_node_stops_on_signal(sig, process, fixture_a):
 
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_vla_node_stops_on_signal(sig, process, policy_dir):
-    p = process([sys.executable, "-m", "omnistream_vla.vla_node", "--ros-args", "-p", f"policy:={policy_dir}"])
+    p = process([sys.executable, "-m", "omnistream_vla.ros.vla_node", "--ros-args", "-p", f"policy:={policy_dir}"])
     p.wait_for_output("VLA policy")
     time.sleep(0.5)  # a few control ticks
     _assert_clean_stop(p, sig)
@@ -145,7 +145,7 @@ def test_recorder_node_flushes_and_stops_on_signal(sig, process, tmp_path):
 
     out = tmp_path / "bags"
     # A long chunk: nothing reaches the disk before the signal, so what the bag holds was written at exit.
-    p = process([sys.executable, "-m", "omnistream_vla.recorder_node", "--ros-args",
+    p = process([sys.executable, "-m", "omnistream_vla.ros.recorder_node", "--ros-args",
                  "-p", "topics:=['/seq']", "-p", f"output_dir:={out}", "-p", "bag_name:=stopped",
                  "-p", "record_always:=true", "-p", "chunk_duration_s:=600.0", "-p", "min_free_mb:=0.0"])  # fmt: skip
     context = rclpy.Context()

@@ -20,7 +20,8 @@ def test_train_heads_with_a_missing_checkpoint_says_so(checkpoint, capsys):
 
 @pytest.mark.ros
 @pytest.mark.parametrize(
-    "module", ["omnistream_perception.ros.perception_node", "omnistream_vla.vla_node", "omnistream_vla.recorder_node"]
+    "module",
+    ["omnistream_perception.ros.perception_node", "omnistream_vla.ros.vla_node", "omnistream_vla.ros.recorder_node"],
 )
 def test_node_with_a_missing_params_file_is_one_fatal_line(module, tmp_path):
     pytest.importorskip("rclpy", reason="rclpy is not installed (make setup)")

@@ -297,8 +297,8 @@ def test_gripper_and_rotation_helpers_agree_with_the_sim_conventions():
 
 
 def test_parameter_checks():
-    from omnistream_perception.node_params import number_in
-    from omnistream_vla.vla_parameters import PARAMETERS
+    from omnistream_perception.ros.node_params import number_in
+    from omnistream_vla.ros.vla_parameters import PARAMETERS
 
     def bad(name, value):
         return PARAMETERS[name].check(value)
@@ -328,8 +328,9 @@ def test_the_controller_and_its_helpers_import_without_ros():
     import subprocess
     import sys
 
-    modules = ("omnistream_vla.controller", "omnistream_vla.vla_parameters", "omnistream_vla.action_convention",
-               "omnistream_perception.features_codec", "omnistream_perception.node_params")  # fmt: skip
+    modules = ("omnistream_vla.controller", "omnistream_vla.ros.vla_parameters", "omnistream_vla.action_convention",
+               "omnistream_vla.action_execution",
+               "omnistream_perception.features_codec", "omnistream_perception.ros.node_params")  # fmt: skip
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in sys.modules if 'rclpy' in m))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

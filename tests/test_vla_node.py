@@ -27,7 +27,7 @@ from std_srvs.srv import Trigger  # noqa: E402
 from omnistream_msgs.msg import EndEffectorAction, StreamFeatures  # noqa: E402
 from omnistream_perception.features_codec import encode_patch_tokens  # noqa: E402
 from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy  # noqa: E402
-from omnistream_vla.vla_node import VLANode  # noqa: E402
+from omnistream_vla.ros.vla_node import VLANode  # noqa: E402
 
 pytestmark = [pytest.mark.ros, pytest.mark.realtime]
 INSTRUCTION_QOS = QoSProfile(

@@ -31,7 +31,7 @@ SLACK = 0.25
 
 def _perception_available() -> bool:
     try:
-        import omnistream_perception.perception_node  # noqa: F401
+        import omnistream_perception.ros.perception_node  # noqa: F401
     except ImportError:
         return False
     return True
@@ -58,17 +58,17 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_perception_and_vla_processes_turn_images_into_actions_and_stop(tmp_path, fixture_a):
     if not _perception_available():
-        pytest.skip("omnistream_perception.perception_node is not in this checkout (perception issue)")
-    from omnistream_perception.ros_image import rgb_to_image
+        pytest.skip("omnistream_perception.ros.perception_node is not in this checkout (perception issue)")
+    from omnistream_perception.ros.image import rgb_to_image
     from omnistream_vla.policy.factory import init_policy
 
     policy_dir = tmp_path / "policy"
     init_policy(policy_dir, preset="debug", backbone=None, seed=0)  # features only: perception runs the backbone
     perception = _start(
-        "omnistream_perception.perception_node", "-p", f"checkpoint:={fixture_a}", log=tmp_path / "perception.log"
+        "omnistream_perception.ros.perception_node", "-p", f"checkpoint:={fixture_a}", log=tmp_path / "perception.log"
     )
     vla = _start(
-        "omnistream_vla.vla_node",
+        "omnistream_vla.ros.vla_node",
         "-p", f"policy:={policy_dir}",
         "-p", f"control_rate:={CONTROL_RATE}",
         "-p", f"max_feature_age:={MAX_FEATURE_AGE}",
@@ -148,7 +148,7 @@ def test_bad_vla_configurations_end_with_one_fatal_line_and_exit_2(tmp_path, par
     init_policy(tmp_path / "policy", preset="debug", backbone=None, seed=0)
     args = [arg for p in [f"policy:={tmp_path / 'policy'}", *params] for arg in ("-p", p)]
     result = subprocess.run(
-        [sys.executable, "-m", "omnistream_vla.vla_node", "--ros-args", *args],
+        [sys.executable, "-m", "omnistream_vla.ros.vla_node", "--ros-args", *args],
         capture_output=True, text=True, timeout=120, env=dict(os.environ),
     )  # fmt: skip
     output = result.stdout + result.stderr

@@ -122,7 +122,7 @@ def test_vla_node_reads_the_state_by_name_from_joint_states():
 
     from omnistream_msgs.msg import EndEffectorAction, StreamFeatures
     from omnistream_perception.features_codec import encode_patch_tokens
-    from omnistream_vla.vla_node import VLANode
+    from omnistream_vla.ros.vla_node import VLANode
 
     policy = _policy()
     seen: list[torch.Tensor] = []

@@ -22,8 +22,8 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "vla_node = omnistream_vla.vla_node:main",
-            "recorder_node = omnistream_vla.recorder_node:main",
+            "vla_node = omnistream_vla.ros.vla_node:main",
+            "recorder_node = omnistream_vla.ros.recorder_node:main",
         ],
     },
 )

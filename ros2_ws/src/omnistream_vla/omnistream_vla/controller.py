@@ -21,6 +21,23 @@ Rules (a stop = zero motion in relative mode, the last commanded target in absol
   stale while the last command was a motion, it returns a stop at once, so a stop follows within
   ``max_feature_age`` plus the watchdog period whatever the control rate or the policy's inference time.
 
+Execution (``execution``): ``queue`` executes the policy's chunks in turn; ``ensemble`` queries the policy every
+``query_period`` steps and executes ACT's temporal ensemble of the overlapping chunks
+(:mod:`omnistream_vla.action_execution`, weights ``exp(-ensemble_m * i)``, i = 0 the oldest prediction).
+
+Several cameras: each camera's last few features are kept; a control step uses one set matched by header stamp:
+the camera whose newest features are the oldest sets the time, every other camera contributes its features
+nearest to it, and any of them further than ``camera_sync_tolerance`` -> stop (counted in ``desync_stops``);
+a camera never heard from -> stop (``missing_stops``). The age rule applies to the matched set.
+
+Limits (``limits``, :class:`action_execution.ActionLimits`, metres and radians after scaling): per-step
+translation and rotation caps and a workspace box; each action they change is counted in ``clipped``. The
+end effector's pose they may need comes from ``on_ee_pose`` (the node's ``ee_pose`` topic) or from the
+joint_states entries named by ``ee_position_joints`` (x, y, z); missing or older than ``max_feature_age`` -> stop.
+
+Emergency stop: ``emergency_stop()`` returns a stop at once and latches: every step is a stop (the policy is not
+run) until ``clear_emergency_stop()``; new instructions and ``reset()`` do not clear it.
+
 Actions: the policy's output in its units x ``translation_scale`` (m/unit) / ``rotation_scale`` (rad/unit);
 gripper by :func:`action_convention.gripper_to_sign` (0 counts as open). Relative mode also gives the twist:
 linear = delta x rate, angular = the rotation vector of the roll-pitch-yaw delta x rate (a true angular
@@ -31,6 +48,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -39,6 +57,7 @@ import numpy as np
 from omnistream_perception.features_codec import batch_entry, batch_key
 
 from .action_convention import gripper_to_sign, rpy_to_rotation_vector
+from .action_execution import EXECUTIONS, ActionLimits, EndEffector, LimitError, TemporalEnsembler
 
 OK, WARN, ERROR = 0, 1, 2
 
@@ -54,6 +73,12 @@ class ControllerSettings:
     initial_gripper: float = 1.0
     max_instruction_chars: int = 512
     features_pooled: bool = True
+    execution: str = "queue"  # queue | ensemble
+    ensemble_m: float = 0.01  # ensemble weights exp(-m * i), i = 0 the oldest prediction (ACT's value)
+    query_period: int = 1  # ensemble: steps between policy queries, in [1, chunk_size]
+    limits: ActionLimits = ActionLimits()
+    camera_sync_tolerance: float = 0.05  # s between the matched cameras' stamps
+    ee_position_joints: tuple[str, ...] = ()  # joint_states names holding the end effector's x, y, z
 
 
 @dataclass(frozen=True)
@@ -72,6 +97,8 @@ class Command:
     angular_velocity: np.ndarray | None = None  # rad/s rotation vector rate, relative mode only
     publish_action: bool = True
     latency_s: float | None = None
+    clipped: tuple[str, ...] = ()  # limits that changed this action
+    new_error: bool = False  # an ERROR stop whose reason differs from the last command's (count it once)
     seq: int = 0  # issue order: a command older than one already published is superseded (the node drops it)
 
 
@@ -97,11 +124,16 @@ def expected_grid(config, pooled: bool = True) -> tuple[int, int]:
     return side, side
 
 
+# features kept per camera for stamp matching (several cameras): a few frames at camera rate
+FEATURE_HISTORY = 8
+
+
 class VLAController:
     """Thread-safe: inputs may arrive on other threads than ``step`` and ``watchdog``."""
 
     def __init__(self, policy, settings: ControllerSettings, clock=None) -> None:
         self.policy = policy
+        self._check(settings)
         self.settings = settings
         self._clock = clock  # re-reads the time after inference (seconds, same clock as ``now``)
         config = policy.config
@@ -110,7 +142,7 @@ class VLAController:
         self._lock = threading.Lock()
         self._policy_lock = threading.Lock()  # a queue reset never interleaves with an inference
         self._instruction: str | None = None
-        self._features: dict[str, _Features] = {}
+        self._features: dict[str, deque[_Features]] = {}
         self._mismatch: dict[str, str] = {}
         self._joint: tuple[list[str], list[float], float] | None = None
         self._gripper = float(settings.initial_gripper)
@@ -118,15 +150,33 @@ class VLAController:
         self._moving = False  # the last command was a motion
         self._queue_stale = False  # the watchdog stopped: clear the queue before the next inference
         self._seq = 0
+        self._ensembler = TemporalEnsembler(settings.ensemble_m)
+        self._since_query = 0
+        self._ee: tuple[EndEffector, float] | None = None  # (pose, time) from ee_pose
+        self._estop: str | None = None  # the latched emergency stop's reason
         self.received = 0
         self.actions = 0
         self.stops = 0
+        self.missing_stops = 0
+        self.desync_stops = 0
+        self.clipped = {"translation": 0, "rotation": 0, "workspace": 0}
+        self.clipped_actions = 0
         self.last_reason = ""
 
     # -- configuration ------------------------------------------------------------------------------------------
+    def _check(self, s: ControllerSettings) -> None:
+        if s.execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {s.execution!r}")
+        chunk = self.policy.config.chunk_size
+        if s.execution == "ensemble" and not 1 <= s.query_period <= chunk:
+            raise ValueError(f"query_period must be in [1, chunk_size={chunk}] (steps between policy queries)")
+
     def update(self, **changes: Any) -> None:
         with self._lock:
-            self.settings = replace(self.settings, **changes)
+            settings = replace(self.settings, **changes)
+            self._check(settings)
+            self.settings = settings
+            self._ensembler.m = float(settings.ensemble_m)
 
     def expected_grid(self) -> tuple[int, int]:
         return expected_grid(self.policy.config, self.settings.features_pooled)
@@ -160,7 +210,7 @@ class VLAController:
                     f"{self.settings.max_clock_skew} s): synchronise the camera's and this machine's clocks"
                 )
             self._mismatch.pop(camera, None)
-            self._features[camera] = _Features(tokens, stamp, now)
+            self._features.setdefault(camera, deque(maxlen=FEATURE_HISTORY)).append(_Features(tokens, stamp, now))
             return None
 
     def on_instruction(self, text: str) -> InstructionUpdate:
@@ -187,11 +237,57 @@ class VLAController:
         with self._lock:
             self._joint = (list(names), list(positions), now)
 
+    def on_ee_pose(self, position, rpy, now: float) -> None:
+        """The end effector's current pose (m, rad roll-pitch-yaw or None) in the action frame."""
+        ee = EndEffector(np.asarray(position, dtype=np.float64), None if rpy is None else np.asarray(rpy, float))
+        with self._lock:
+            self._ee = (ee, now)
+
     def reset(self) -> None:
-        """Clears the chunk queue (waits for an inference in progress)."""
+        """Clears the chunk queue and the ensemble (waits for an inference in progress); keeps an emergency stop."""
         with self._policy_lock:
-            self.policy.reset()
-            self._queue_stale = False
+            self._reset_execution()
+
+    def _reset_execution(self) -> None:
+        self.policy.reset()
+        self._ensembler.reset()
+        self._since_query = 0
+        self._queue_stale = False
+
+    # -- emergency stop -----------------------------------------------------------------------------------------
+    def emergency_stop(self, reason: str = "emergency stop") -> Command:
+        """Latches the stop and returns the stop command to send now."""
+        with self._lock:
+            self._estop = reason
+            self._queue_stale = True  # nothing planned before it is executed after it is cleared
+            return self._stop_locked(self._estop_reason_locked(), ERROR)
+
+    def clear_emergency_stop(self) -> bool:
+        """Releases a latched emergency stop; True if one was latched."""
+        with self._lock:
+            latched, self._estop = self._estop is not None, None
+            return latched
+
+    def counters(self) -> dict[str, Any]:
+        """What /diagnostics reports about the commands issued so far."""
+        with self._lock:
+            return {
+                "actions": self.actions, "stops": self.stops, "last_stop_reason": self.last_reason,
+                "clipped_actions": self.clipped_actions, "missing_camera_stops": self.missing_stops,
+                "desync_camera_stops": self.desync_stops, **{f"clipped_{k}": v for k, v in self.clipped.items()},
+                "emergency_stop": self._estop is not None,
+            }  # fmt: skip
+
+    @property
+    def emergency_stopped(self) -> bool:
+        return self._estop is not None
+
+    def _estop_reason_locked(self) -> str:
+        return f"{self._estop} (latched until ~/clear_emergency_stop)"
+
+    def stop_now(self, reason: str) -> Command:
+        """A stop to send at once (e.g. before output ends); clears the queue."""
+        return self._stop(reason, WARN, clear=True)
 
     @property
     def instruction(self) -> str | None:
@@ -204,17 +300,52 @@ class VLAController:
             return self._stop_reason_locked(now)
 
     def _stop_reason_locked(self, now: float) -> tuple[str, int] | None:
-        max_age = self.settings.max_feature_age
+        _, problem, _ = self._match_locked(now)
+        return problem
+
+    def _match_locked(self, now: float) -> tuple[dict[str, _Features], tuple[str, int] | None, str]:
+        """The features to act on, one per camera matched by stamp; else (.., (reason, level), kind of problem)."""
         for cam in self.cameras:
             if cam in self._mismatch:
-                return self._mismatch[cam], ERROR
-            sample = self._features.get(cam)
-            if sample is None:
-                return f"no features from {cam} yet", WARN
+                return {}, (self._mismatch[cam], ERROR), "mismatch"
+            if not self._features.get(cam):
+                return {}, (f"no features from {cam} yet", WARN), "missing"
+        if len(self.cameras) == 1:
+            chosen = {self.cameras[0]: self._features[self.cameras[0]][-1]}
+        else:
+            tol = self.settings.camera_sync_tolerance
+            ref = min(self.cameras, key=lambda c: self._features[c][-1].stamp)  # the camera furthest behind
+            t = self._features[ref][-1].stamp
+            chosen = {}
+            for cam in self.cameras:
+                best = min(self._features[cam], key=lambda f: abs(f.stamp - t))
+                if abs(best.stamp - t) > tol:
+                    reason = (
+                        f"cameras out of sync: the features of {cam} nearest to {ref}'s stamp are "
+                        f"{abs(best.stamp - t):.3f} s apart (camera_sync_tolerance {tol} s)"
+                    )
+                    return {}, (reason, WARN), "desync"
+                chosen[cam] = best
+        max_age = self.settings.max_feature_age
+        for cam, sample in chosen.items():
             age = now - min(sample.stamp, sample.arrival)
             if age > max_age:
                 hint = " (stamped far behind this clock: is their source on another clock?)" if age > 60 else ""
-                return f"features of {cam} are {age:.3f} s old (max_feature_age {max_age} s){hint}", WARN
+                return {}, (f"features of {cam} are {age:.3f} s old (max_feature_age {max_age} s){hint}", WARN), "stale"
+        return chosen, None, ""
+
+    def _ee_locked(self, now: float) -> EndEffector | None:
+        """The end effector's pose if known and fresh (ee_pose, else the ee_position_joints of joint_states)."""
+        max_age = self.settings.max_feature_age
+        if self._ee is not None and now - self._ee[1] <= max_age:
+            return self._ee[0]
+        names = self.settings.ee_position_joints
+        if names and self._joint is not None and now - self._joint[2] <= max_age:
+            joint_names, positions, _ = self._joint
+            if all(n in joint_names for n in names) and len(positions) >= len(joint_names):
+                position = np.array([positions[joint_names.index(n)] for n in names], dtype=np.float64)
+                if np.isfinite(position).all():
+                    return EndEffector(position)
         return None
 
     def _state(self, now: float) -> tuple[np.ndarray | None, str | None]:
@@ -238,10 +369,15 @@ class VLAController:
         """This control period's command, or None while idle (no instruction)."""
         with self._lock:
             instruction = self._instruction
-            features = dict(self._features)
-        if instruction is None:
-            return None
-        problem = self.stop_reason(now)
+            if instruction is None:
+                return None
+            if self._estop is not None:
+                return self._stop_locked(self._estop_reason_locked(), ERROR)
+            features, problem, kind = self._match_locked(now)
+            if kind == "missing":
+                self.missing_stops += 1
+            elif kind == "desync":
+                self.desync_stops += 1
         if problem is not None:
             return self._stop(*problem, clear=True)
         pooled = self.settings.features_pooled
@@ -257,25 +393,43 @@ class VLAController:
         try:
             with self._policy_lock:
                 if self._queue_stale:
-                    self.policy.reset()
-                    self._queue_stale = False
-                action = self.policy.select_action(observation)[0].float().cpu().numpy()
+                    self._reset_execution()
+                action = self._next_action(observation)
         except Exception as exc:  # a policy failure must end in a stop, never in a dead control loop
             return self._stop(f"policy failed: {exc}", ERROR, clear=True)
         latency = time.perf_counter() - started
         if not np.isfinite(action).all():
             return self._stop(f"the policy produced NaN/inf ({action.tolist()})", ERROR, clear=True)
         with self._lock:  # checked and issued at once: the watchdog sees either this motion or its staleness
+            if self._estop is not None:  # latched while the policy ran
+                return self._stop_locked(self._estop_reason_locked(), ERROR)
             # the inputs may have gone stale while the policy ran
-            problem = self._stop_reason_locked(self._clock()) if self._clock is not None else None
+            later = self._clock() if self._clock is not None else now
+            problem = self._stop_reason_locked(later) if self._clock is not None else None
             if problem is None:
-                return self._motion_locked(action, latency)
+                try:
+                    return self._motion_locked(action, latency, later)
+                except LimitError as exc:
+                    problem = (str(exc), WARN)
         return self._stop(*problem, clear=True)
+
+    def _next_action(self, observation: dict[str, Any]) -> np.ndarray:
+        """This step's action in the policy's units (with the policy lock held)."""
+        if self.settings.execution == "queue":
+            return self.policy.select_action(observation)[0].float().cpu().numpy()
+        if self._since_query >= self.settings.query_period or not self._ensembler.has_action():
+            chunk = self.policy.predict_action_chunk(observation)[0].float().cpu().numpy()
+            if not np.isfinite(chunk).all():
+                raise FloatingPointError("the policy produced NaN/inf")
+            self._ensembler.add(chunk)
+            self._since_query = 0
+        self._since_query += 1
+        return self._ensembler.pop()
 
     def watchdog(self, now: float) -> Command | None:
         """A stop when features went stale after a motion and no stop has been issued since; else None."""
         with self._lock:
-            if not self._moving or self._instruction is None:
+            if not self._moving or self._instruction is None or self._estop is not None:
                 return None
             problem = self._stop_reason_locked(now)
             if problem is None:
@@ -288,10 +442,22 @@ class VLAController:
         self._seq += 1
         return self._seq
 
-    def _motion_locked(self, action: np.ndarray, latency: float) -> Command:
+    def _motion_locked(self, action: np.ndarray, latency: float, now: float) -> Command:
         s = self.settings
         translation = action[:3].astype(np.float64) * s.translation_scale
         rotation = action[3:6].astype(np.float64) * s.rotation_scale
+        clipped: list[str] = []
+        if s.limits.active:
+            ee = self._ee_locked(now)
+            if ee is None and s.limits.needs_position(s.mode):
+                raise LimitError(
+                    "the limits need the end effector's current pose (an ee_pose topic or ee_position_joints in "
+                    f"joint_states, newer than max_feature_age {s.max_feature_age} s)"
+                )
+            translation, rotation, clipped = s.limits.apply(s.mode, translation, rotation, ee, self._target)
+            for name in clipped:
+                self.clipped[name] += 1
+            self.clipped_actions += bool(clipped)
         self._gripper = float(gripper_to_sign(action[6]))
         self._moving = True
         self.actions += 1
@@ -299,12 +465,12 @@ class VLAController:
         if s.mode == "absolute":
             self._target = (translation, rotation)
             return Command(False, "", OK, s.mode, translation, rotation, self._gripper, latency_s=latency,
-                           seq=self._next_seq())  # fmt: skip
+                           clipped=tuple(clipped), seq=self._next_seq())  # fmt: skip
         return Command(
             False, "", OK, s.mode, translation, rotation, self._gripper,
             linear_velocity=translation * s.control_rate,
             angular_velocity=rpy_to_rotation_vector(rotation) * s.control_rate,
-            latency_s=latency, seq=self._next_seq(),
+            latency_s=latency, clipped=tuple(clipped), seq=self._next_seq(),
         )  # fmt: skip
 
     def _stop(self, reason: str, level: int, clear: bool) -> Command:
@@ -315,6 +481,7 @@ class VLAController:
 
     def _stop_locked(self, reason: str, level: int) -> Command:
         zero = np.zeros(3)
+        new_error = level == ERROR and reason != self.last_reason
         self._moving = False
         self.stops += 1
         self.last_reason = reason
@@ -323,5 +490,6 @@ class VLAController:
             held = self._target
             translation, rotation = held if held is not None else (zero, zero)
             return Command(True, reason, level, mode, translation, rotation, self._gripper,
-                           publish_action=held is not None, seq=self._next_seq())  # fmt: skip
-        return Command(True, reason, level, mode, zero, zero, self._gripper, zero, zero, seq=self._next_seq())
+                           publish_action=held is not None, new_error=new_error, seq=self._next_seq())  # fmt: skip
+        return Command(True, reason, level, mode, zero, zero, self._gripper, zero, zero, new_error=new_error,
+                       seq=self._next_seq())  # fmt: skip

@@ -49,7 +49,7 @@ from std_srvs.srv import Trigger
 
 from omnistream_perception.ros.node_main import run_node
 
-from .recording import (
+from ..recording import (
     RECORDER_PARAMETERS,
     BagRecorder,
     RecordingError,
