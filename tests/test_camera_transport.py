@@ -33,7 +33,7 @@ from omnistream_msgs.msg import StreamFeatures  # noqa: E402
 from omnistream_perception.ros.diagnostics import status_values  # noqa: E402
 from omnistream_perception.transport import PROFILE_ENV_VARS, large_data_env  # noqa: E402
 
-pytestmark = pytest.mark.ros
+pytestmark = [pytest.mark.ros, pytest.mark.realtime]  # a 15 Hz camera against the wall clock: own process
 
 CAMERA = Path(__file__).with_name("camera_publisher_process.py")
 FRAMES, RATE = 45, 15.0

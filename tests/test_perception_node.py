@@ -241,7 +241,9 @@ def test_reset_service_restarts_the_stream_and_path(harness, heads_checkpoint):
     future = client.call_async(Trigger.Request())
     wait_for(future.done, what="the reset service")
     assert future.result().success
-    assert h.node.cameras["camera"].session.frames_seen == 0
+    # the restart is immediate, or (a frame still in flight) applied before the next frame: never blocking
+    restarted_now = h.node.cameras["camera"].session.frames_seen == 0
+    assert restarted_now or "after the frame in flight" in future.result().message, future.result().message
     h.publish(image(5, sec=3))
     wait_for(lambda: len(features) == 3 and len(paths) == 3)
     assert [f.frame_index for f in features] == [0, 1, 0]

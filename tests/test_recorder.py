@@ -249,8 +249,7 @@ def test_live_session_records_and_converts(tmp_path):
 # ----------------------------------------------------------------------------------------------- SIGKILL
 
 
-@pytest.mark.ros
-@pytest.mark.realtime  # a gap-free run of reliable messages needs the recorder process not starved
+@pytest.mark.ros  # no realtime mark: the default queue_depth (1000) holds every message a starved recorder gets late
 def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
     import rclpy
     from rclpy.node import Node

@@ -212,7 +212,7 @@ def test_view_command_signal_finishes_the_file(tmp_path, signum):
         try:
             nodes, pubs = _stack_publishers(Node)
             executor, thread = spin_in_thread(nodes)
-            wait_for(lambda: all(pubs[k].get_subscription_count() > 0 for k in ("image", "pose", "action")), 60,
+            wait_for(lambda: all(pub.get_subscription_count() > 0 for pub in pubs.values()), 60,
                      f"omnistream view to subscribe: {log_path.read_text()}")  # fmt: skip
             for i in range(3):
                 _publish_frame(pubs, i, rng)

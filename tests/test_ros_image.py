@@ -134,6 +134,7 @@ def test_pointcloud_packs_xyz_and_rgb_and_drops_nan():
     assert rgb_bits == (int(colors[0, 0]) << 16) | (int(colors[0, 1]) << 8) | int(colors[0, 2])
 
 
+@pytest.mark.realtime  # times the conversion: assigning a numpy array instead of bytes took 144 ms
 def test_writing_720p_uses_the_fast_bytes_path():
     rgb = np.zeros((720, 1280, 3), np.uint8)
     start = time.perf_counter()

@@ -27,7 +27,7 @@ from omnistream_perception.features_codec import encode_patch_tokens  # noqa: E4
 from omnistream_vla.policy import OmniStreamVLAConfig, OmniStreamVLAPolicy  # noqa: E402
 from omnistream_vla.ros.vla_node import VLANode  # noqa: E402
 
-pytestmark = [pytest.mark.ros, pytest.mark.realtime]
+pytestmark = pytest.mark.ros
 
 
 def _policy(**overrides):
