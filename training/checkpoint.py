@@ -66,8 +66,12 @@ def save_checkpoint(
     opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    payload = dict(scalars)
-    payload["optimizer"] = opt_meta
+    _publish(tmp, directory, dict(scalars, optimizer=opt_meta), keep)
+    return directory
+
+
+def _publish(tmp: Path, directory: Path, payload: dict[str, Any], keep: int | None) -> None:
+    """Writes ``trainer_state.json`` last, renames the finished ``tmp`` into place, keeps the newest ``keep``."""
     (tmp / STATE_NAME).write_text(json.dumps(payload, indent=2, default=str) + "\n")
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
@@ -75,7 +79,6 @@ def save_checkpoint(
         siblings = sorted(p for p in directory.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in siblings[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return directory
 
 
 def load_checkpoint(
@@ -103,6 +106,19 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     root = Path(root)
     found = sorted(p for p in root.glob("step-*") if (p / STATE_NAME).is_file())
     return found[-1] if found else None
+
+
+def resume_checkpoint(resume: str | Path, modules: dict[str, torch.nn.Module], optimizer, world_size: int) -> int:
+    """Loads what ``--resume`` names (a checkpoint, or a run directory: its latest checkpoint) into ``modules`` and
+    ``optimizer`` and returns its step; ValueError when another number of processes wrote it (the data order and
+    the optimiser state are per process)."""
+    path = Path(resume)
+    if not (path / STATE_NAME).is_file():
+        path = latest_checkpoint(path / "checkpoints") or path
+    scalars = load_checkpoint(path, modules, optimizer)
+    if scalars.get("world_size", 1) != world_size:
+        raise ValueError(f"{path} was written by {scalars['world_size']} processes; resume with as many")
+    return int(scalars["step"])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -154,14 +170,7 @@ def save_sharded_checkpoint(
     save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / f"rng.rank{rank}.safetensors"))
     _barrier()
     if rank == 0:
-        payload = dict(scalars, format="dcp")
-        (tmp / STATE_NAME).write_text(json.dumps(payload, indent=2, default=str) + "\n")
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
-        if keep:
-            siblings = sorted(p for p in directory.parent.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in siblings[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, directory, dict(scalars, format="dcp"), keep)
     _barrier()
     return directory
 

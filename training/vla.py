@@ -28,7 +28,7 @@ import torch
 from omnistream_perception.features_codec import batch_key
 from omnistream_vla.action_convention import convention_for_dataset
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 from .config import _apply, warmup_cosine
 from .data import sample_indices
 from .distributed import (
@@ -476,13 +476,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     params = [p for g in groups for p in g["params"]]
     step = 0
     if resume:
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            path = latest_checkpoint(path / "checkpoints") or path
-        scalars = load_checkpoint(path, {"policy": policy}, optimizer)
-        if scalars.get("world_size", 1) != ctx.world_size:
-            raise ValueError(f"{path} was written by {scalars['world_size']} processes; resume with as many")
-        step = int(scalars["step"])
+        step = resume_checkpoint(resume, {"policy": policy}, optimizer, ctx.world_size)
     autocast_dtype = _precision(config, ctx.device)
     initial_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t)
     logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=step if resume else None)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_checkpoint, save_checkpoint
 from .config import VLMTrainConfig, warmup_cosine
 from .data import sample_indices
 from .distributed import (
@@ -385,13 +385,7 @@ def _train(config: VLMTrainConfig, datasets, captions, out: Path, resume, ctx: D
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=0.0)
     step = 0
     if resume:
-        path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
-            path = latest_checkpoint(path / "checkpoints") or path
-        scalars = load_checkpoint(path, {"vlm": modules}, optimizer)
-        if scalars.get("world_size", 1) != ctx.world_size:
-            raise ValueError(f"{path} was written by {scalars['world_size']} processes; resume with as many")
-        step = int(scalars["step"])
+        step = resume_checkpoint(resume, {"vlm": modules}, optimizer, ctx.world_size)
     autocast_dtype = _precision(config, ctx.device)
 
     def accuracy() -> float | None:
