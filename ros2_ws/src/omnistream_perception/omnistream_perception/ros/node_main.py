@@ -11,6 +11,8 @@ traceback.
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +73,16 @@ def run_node(
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
+
+
+def exit_process(code: int) -> None:
+    """Ends a node's process with ``code`` once ``run_node`` has returned: ROS is shut down and the node has
+    closed what it wrote by then, while the interpreter's own teardown of torch and transformers takes seconds
+    (a stopped vla_node took 3-4 s to exit, of which 12 ms were the node's). Console scripts only, never in-process."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -44,7 +44,7 @@ from ..camera_pipeline import (
 from ..image_codec import compressed_to_rgb, image_to_rgb
 from ..transport import large_data_env
 from .diagnostics import DiagnosticsPublisher
-from .node_main import run_node
+from .node_main import exit_process, run_node
 from .node_params import declare_parameters, parameter_value
 from .perception_messages import given_intrinsics, output_messages, stamp_ns
 from .perception_parameters import PARAMETERS, validate_parameter  # noqa: F401 - the node's table, re-exported
@@ -244,10 +244,10 @@ class PerceptionNode(Node):
         super().destroy_node()
 
 
-def main(args: list[str] | None = None) -> int:
+def main(args: list[str] | None = None) -> None:
     os.environ.update(large_data_env())  # this process's side of the large-image settings (a user's profile wins)
-    return run_node(PerceptionNode, NODE_NAME, args)
+    exit_process(run_node(PerceptionNode, NODE_NAME, args))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

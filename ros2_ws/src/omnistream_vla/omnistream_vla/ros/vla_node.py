@@ -34,7 +34,7 @@ from std_srvs.srv import Trigger
 from omnistream_msgs.msg import StreamFeatures
 from omnistream_perception.features_codec import decode_patch_tokens, stamp_seconds
 from omnistream_perception.ros.diagnostics import DiagnosticsPublisher
-from omnistream_perception.ros.node_main import run_node
+from omnistream_perception.ros.node_main import exit_process, run_node
 from omnistream_perception.ros.node_params import declare_parameters, parameter_value
 
 from ..action_convention import policy_convention, resolve_convention
@@ -285,9 +285,9 @@ class VLANode(ManagedNode):
             self.pubs[topic].publish(msg)
 
 
-def main(args: list[str] | None = None) -> int:
-    return run_node(VLANode, NODE_NAME, args, num_threads=4)
+def main(args: list[str] | None = None) -> None:
+    exit_process(run_node(VLANode, NODE_NAME, args, num_threads=4))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
