@@ -137,10 +137,12 @@ def test_reliable_camera_process_reaches_the_node_with_nothing_set(plain_node, s
     start = 1000.0 if size == "640x480" else 2000.0
     run = plain_node.camera("reliable", size, _plain_env(), start)
     # Every frame reaches the node; each one either gives features or is superseded by a newer frame while the
-    # model is busy (never queued). How many are superseded depends on the CPU: `omnistream bench node` measures it.
+    # model is busy (never queued), so features out also depend on the CPU (`omnistream bench node` measures it).
+    # At the defaults (window 16, max_side 224) the test checkpoint takes ~13 ms a VGA frame here, inside 15 Hz: 45/45
+    # features at VGA and 720p on 2 cores with other work running.
     assert run["frames_expected"] == FRAMES and run["frames_received"] >= 0.95 * FRAMES, (run, plain_node.output())
     assert run["features"] == run["processed"] and run["processed"] + run["dropped"] == run["frames_received"], run
-    assert run["features"] > 0
+    assert run["features"] >= 0.95 * FRAMES, run
     _, values = plain_node.last_status()
     assert values["publisher_reliability"] == "reliable" and values["subscription_reliability"] == "reliable"
     assert NOTICE not in plain_node.output()

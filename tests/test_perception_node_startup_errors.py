@@ -95,6 +95,8 @@ CASES = {
     "device_cuda_7": (None, ["device:=cuda:7"], ["device 'cuda:7'"]),
     "window_abc": (None, ["window:=abc"], ["window must be an integer", "'abc'"]),
     "empty_checkpoint": (None, ["checkpoint:=''"], ["checkpoint is required"]),
+    # nothing after ':=' is refused by rcl's own parser, which would print its ERROR before ours
+    "checkpoint_without_value": (None, ["checkpoint:="], ["'checkpoint' has no value"]),
 }
 HEADS_CASES = {"truncated_heads", "empty_heads", "bad_header_heads", "unknown_heads_key"}
 

@@ -36,7 +36,7 @@ def run_node(
     """Builds the node with ``make_node()`` and spins it until shutdown; ``on_exit(node)`` runs before it is
     destroyed (e.g. the recorder writes its buffer)."""
     logger = rclpy.logging.get_logger(logger_name)
-    problem = params_file_problem(sys.argv if args is None else args)
+    problem = ros_args_problem(sys.argv if args is None else args)
     if problem is not None:  # rcl would log its own ERROR line before ours: say it once, plainly
         logger.fatal(problem)
         return 2
@@ -89,16 +89,24 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def params_file_problem(argv: list[str]) -> str | None:
-    """Why a ``--params-file`` among the ROS arguments of ``argv`` cannot be read, or None."""
+def ros_args_problem(argv: list[str]) -> str | None:
+    """Why the ROS arguments of ``argv`` would be rejected by rcl (a ``--params-file`` that cannot be read, a
+    ``-p NAME:=`` without a value), or None. rcl rejects them too, but with a multi-line ERROR before ours."""
     in_ros_args = False
     for i, token in enumerate(argv):
+        following = argv[i + 1] if i + 1 < len(argv) else None
         if token == "--ros-args":
             in_ros_args = True
         elif token == "--":
             in_ros_args = False
-        elif in_ros_args and token == "--params-file" and i + 1 < len(argv):
-            path = Path(argv[i + 1])
-            if not path.is_file():
-                return f"params file not found: {path} (--params-file)"
+        elif not in_ros_args or following is None:
+            continue
+        elif token == "--params-file" and not Path(following).is_file():
+            return f"params file not found: {following} (--params-file)"
+        elif token in ("-p", "--param"):
+            name, sep, value = following.partition(":=")
+            if not sep or not name:
+                return f"malformed parameter override {following!r}: write -p NAME:=VALUE"
+            if not value.strip():
+                return f"parameter {name!r} has no value ({token} {following}): give one, or leave it out for the default"
     return None
