@@ -108,5 +108,7 @@ def ros_args_problem(argv: list[str]) -> str | None:
             if not sep or not name:
                 return f"malformed parameter override {following!r}: write -p NAME:=VALUE"
             if not value.strip():
-                return f"parameter {name!r} has no value ({token} {following}): give one, or leave it out for the default"
+                return (
+                    f"parameter {name!r} has no value ({token} {following}): give one, or leave it out for the default"
+                )
     return None
