@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnistream_perception.model import OmniStreamConfig, OmniStreamModel
+from omnistream_perception.model import OmniStreamConfig, OmniStreamModel, OmniStreamSession
 
 TOL = 1e-4
 
@@ -47,7 +47,7 @@ def test_fixture_reproduces_reference_outputs(model_a, reference, fixture_a):
 
 
 def test_fixture_streaming_frame_by_frame_matches_reference(model_a, reference):
-    stream = model_a.stream()
+    stream = OmniStreamSession(model_a)
     outs = [stream.step(reference["pixel_values"][:, i]) for i in range(reference["pixel_values"].shape[1])]
     streamed = torch.cat([o.last_hidden_state for o in outs], dim=1)
     assert (streamed - reference["last_hidden_state"]).abs().max() <= TOL

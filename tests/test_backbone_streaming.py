@@ -1,14 +1,23 @@
-"""Streaming equals the full causal pass; bounded windows; cache behaviour; bad input."""
+"""Streaming equals the full causal pass; bounded windows; cache behaviour; bad input; one streaming path."""
 
 from __future__ import annotations
 
+import ast
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
-from omnistream_perception.model import OmniStreamConfig, OmniStreamModel, StreamResetWarning
+from omnistream_perception import model as model_package
+from omnistream_perception.model import (
+    KVCache,
+    OmniStreamConfig,
+    OmniStreamModel,
+    OmniStreamSession,
+    StreamResetWarning,
+)
 from omnistream_perception.model.rope import rope_angles
 
 TOL = 1e-4
@@ -29,7 +38,7 @@ def random_model(seed=0, **cfg) -> OmniStreamModel:
 
 
 def stream_all(model, clip, pattern, step_kwargs=None, **stream_kwargs):
-    stream = model.stream(batch_size=clip.shape[0], **stream_kwargs)
+    stream = OmniStreamSession(model, batch_size=clip.shape[0], **stream_kwargs)
     outs, i = [], 0
     for k in pattern:
         outs.append(stream.step(clip[:, i : i + k], **(step_kwargs or {})))
@@ -72,17 +81,29 @@ def test_hidden_states_stream_too():
     for i in range(2):
         assert (per_layer[i] - full.hidden_states[i]).abs().max() <= TOL
     # a chosen subset of layers comes back in the order asked for
-    stream = model.stream()
+    stream = OmniStreamSession(model)
     out = stream.step(clip[:, 0], output_hidden_states=[1])
     assert len(out.hidden_states) == 1 and (out.hidden_states[0] - full.hidden_states[1][:, :1]).abs().max() <= TOL
+
+
+def first_block_input(model, clip, **kwargs) -> torch.Tensor:
+    """The tokens (B, T, N, D) the forward feeds its first block."""
+    seen = []
+    hook = model.patch_embed.blocks[0].register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(clip, **kwargs)
+    finally:
+        hook.remove()
+    return seen[0].reshape(clip.shape[0], clip.shape[1], -1, seen[0].shape[-1])
 
 
 def test_first_frame_tokens_follow_the_absolute_index():
     """A chunk starting mid-stream must use the later-frame register/camera tokens, not the first-frame ones."""
     model = random_model()
     clip = torch.randn(1, 3, 3, 32, 32)
-    tokens_mid = model.embed_frames(clip[:, 1:], torch.tensor([1, 2]), True, None)
-    tokens_first = model.embed_frames(clip[:, :1], torch.tensor([0]), True, None)
+    tokens_mid = first_block_input(model, clip[:, 1:], camera_token=True, frame_offset=1)
+    tokens_first = first_block_input(model, clip[:, :1], camera_token=True)
     reg = model.patch_embed.register_token
     assert torch.equal(tokens_first[0, 0, 2:6], reg[0, 0])
     assert torch.equal(tokens_mid[0, 0, 2:6], reg[0, 1])
@@ -104,21 +125,37 @@ def test_camera_token_uses_the_aspect_ratio():
     assert not torch.allclose(a, b)
 
 
+class ExplicitWindowMask:
+    """In place of the KV cache in one full pass: stores nothing, and hands attention the mask a single-frame
+    windowed stream implies (frame t sees the first `sink` frames, the `window - sink` frames before it, and
+    itself), built independently of the cache's ring."""
+
+    num_cached = 0
+
+    def __init__(self, window: int, sink: int) -> None:
+        self.window, self.sink = window, sink
+
+    def begin_step(self, num_frames, tokens_per_frame, num_layers):
+        frames = torch.arange(num_frames)
+        qf = frames.repeat_interleave(tokens_per_frame)[:, None]
+        kf = frames.repeat_interleave(tokens_per_frame)[None, :]
+        recent = self.window - self.sink
+        self.mask = (kf <= qf) & ((kf == qf) | (kf < self.sink) | (kf >= qf - recent))
+
+    def step_mask(self, device):
+        return self.mask.to(device)
+
+    def write(self, layer, k, v):
+        return k, v
+
+    def end_step(self):
+        pass
+
+
 def windowed_reference(model, clip, window, sink):
-    """Full pass with the mask a single-frame windowed stream implies: frame t sees the first `sink`
-    frames, the `window - sink` frames before it, and itself; RoPE time is the absolute frame index."""
-    b, t, _, h, w = clip.shape
-    frames = torch.arange(t)
-    tokens = model.embed_frames(clip, frames, False, None)
-    n = tokens.shape[2]
-    cos, sin = model.rope_tables(frames, h // 16, w // 16, False)
-    qf = frames.repeat_interleave(n)[:, None]
-    kf = frames.repeat_interleave(n)[None, :]
-    recent = window - sink
-    mask = (kf <= qf) & ((kf == qf) | (kf < sink) | (kf >= qf - recent))
+    """Full pass with an explicit windowed mask; RoPE time is the absolute frame index."""
     with torch.no_grad():
-        x, _ = model.run_blocks(tokens, cos, sin, mask, False)
-    return model.outputs_from(x, None, False, (h // 16, w // 16), frames)
+        return model(clip, output_hidden_states=False, past_key_values=ExplicitWindowMask(window, sink))
 
 
 @pytest.mark.parametrize("window,sink", [(4, 1), (3, 0), (5, 2)])
@@ -133,7 +170,7 @@ def test_window_keeps_sinks_and_recent_frames_with_absolute_time(window, sink):
 
 def test_window_bounds_memory_and_never_reallocates():
     model = random_model()
-    stream = model.stream(window=4, sink=1)
+    stream = OmniStreamSession(model, window=4, sink=1)
     frame = torch.randn(1, 3, 32, 32)
     stream.step(frame)
     ptr, nbytes = stream.cache.buffer.data_ptr(), stream.cache_bytes
@@ -145,7 +182,7 @@ def test_window_bounds_memory_and_never_reallocates():
 
 def test_unbounded_cache_grows_geometrically():
     model = random_model()
-    stream = model.stream()
+    stream = OmniStreamSession(model)
     frame = torch.randn(1, 3, 32, 32)
     pointers = set()
     for _ in range(40):
@@ -156,7 +193,7 @@ def test_unbounded_cache_grows_geometrically():
 
 def test_single_frame_steps_build_no_attention_mask(monkeypatch):
     model = random_model()
-    stream = model.stream()
+    stream = OmniStreamSession(model)
     seen = []
     original = torch.nn.functional.scaled_dot_product_attention
 
@@ -188,14 +225,14 @@ def test_low_precision_cache_stays_close(cache_dtype, seed, margin):
 
 def test_resolution_change_resets_with_a_warning():
     model = random_model()
-    stream = model.stream()
+    stream = OmniStreamSession(model)
     stream.step(torch.randn(1, 3, 32, 32))
     stream.step(torch.randn(1, 3, 32, 32))
     frame = torch.randn(1, 3, 48, 32)
     with pytest.warns(StreamResetWarning, match="resolution changed"):
         out = stream.step(frame)
     assert stream.frames_seen == 1 and int(out.frame_indices[0]) == 0
-    fresh = model.stream().step(frame)
+    fresh = OmniStreamSession(model).step(frame)
     assert torch.equal(out.last_hidden_state, fresh.last_hidden_state)
 
 
@@ -212,7 +249,7 @@ def test_resolution_change_resets_with_a_warning():
 )
 def test_bad_input_raises_a_clear_value_error(bad, match):
     model = random_model()
-    stream = model.stream()
+    stream = OmniStreamSession(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(ValueError, match=match):
@@ -236,3 +273,107 @@ def test_rope_layout_matches_the_published_formula():
                         j, coord = i % (d // 4), (y if i < d // 2 else x)
                     expected = 2 * math.pi * coord / base ** (4 * j / d)
                     assert abs(got[fi, r * w + c, i].item() - expected) < 1e-4, (f, r, c, i)
+
+
+# ------------------------------------------------------------------------------------------------------
+# One streaming path: the model's forward takes the cache and the frame offset; the session only calls it
+# ------------------------------------------------------------------------------------------------------
+def test_the_full_pass_is_the_forward_with_an_empty_cache_and_offset_0():
+    model = random_model()
+    clip = torch.randn(2, 6, 3, 32, 48)
+    cache = KVCache()
+    with torch.no_grad():
+        full = model(clip, camera_token=True)
+        first = model(clip[:, :4], camera_token=True, past_key_values=cache, frame_offset=0)
+        head = model(clip[:, :4], camera_token=True)
+        rest = model(clip[:, 4:], camera_token=True, past_key_values=cache, frame_offset=4)
+    for key in ("last_hidden_state", "pooler_output", "camera_token"):
+        assert (getattr(first, key) - getattr(head, key)).abs().max() <= 1e-6, key
+        assert (torch.cat([getattr(first, key), getattr(rest, key)], 1) - getattr(full, key)).abs().max() <= TOL, key
+    for i in range(model.config.depth):
+        assert (first.hidden_states[i] - head.hidden_states[i]).abs().max() <= 1e-6
+    assert rest.frame_indices.tolist() == [4, 5] and cache.num_cached == 6
+
+
+def test_an_offset_behind_the_cache_or_another_token_grid_is_refused():
+    model = random_model()
+    cache = KVCache()
+    with torch.no_grad():
+        model(torch.randn(1, 2, 3, 32, 32), past_key_values=cache)
+        with pytest.raises(ValueError, match="frame_offset 0 is behind the 2 frames"):
+            model(torch.randn(1, 1, 3, 32, 32), past_key_values=cache)
+        with pytest.raises(ValueError, match="needs a new cache"):
+            model(torch.randn(1, 1, 3, 48, 32), past_key_values=cache, frame_offset=2)
+    assert cache.num_cached == 2
+
+
+def test_a_refused_frame_leaves_the_stream_as_it_was():
+    """Only a frame the model accepts moves the resolution guard: a bad one neither warns nor restarts."""
+    model = random_model()
+    clip = torch.randn(1, 3, 3, 32, 32)
+    stream = OmniStreamSession(model)
+    stream.step(clip[:, 0])
+    stream.step(clip[:, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="multiples of the patch size"):
+            stream.step(torch.randn(1, 3, 30, 32))
+    assert stream.frames_seen == 2 and stream.cached_frames == 2
+    out = stream.step(clip[:, 2])
+    with torch.no_grad():
+        full = model(clip)
+    assert int(out.frame_indices[0]) == 2
+    assert (out.last_hidden_state - full.last_hidden_state[:, 2:]).abs().max() <= TOL
+
+
+MODEL_DIR = Path(model_package.__file__).parent
+
+
+def _model_imports(path: Path) -> set[str]:
+    """Sibling modules of the model package that ``path`` imports (anywhere in the file, lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1:
+                names.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+            elif (node.module or "").startswith("omnistream_perception.model."):
+                names.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[2] for a in node.names if a.name.startswith("omnistream_perception.model."))
+    return names
+
+
+def test_no_import_cycle_in_the_model_package():
+    graph = {p.stem: _model_imports(p) for p in MODEL_DIR.glob("*.py") if p.stem != "__init__"}
+    assert "streaming" not in graph["modeling_omnistream"] and "streaming" not in graph["kv_cache"]
+
+    def reaches(start, target, seen=()):
+        return any(n == target or (n not in seen and reaches(n, target, (*seen, n))) for n in graph.get(start, ()))
+
+    cycles = [m for m in graph if reaches(m, m)]
+    assert not cycles, f"modules importing themselves through others: {cycles}"
+
+
+@pytest.mark.parametrize("path", ["model/streaming.py", "deploy/onnx_export.py"])
+def test_the_session_and_the_export_call_only_the_model_forward(path):
+    """No model internals (private methods or attributes) in the streaming session or the exported step."""
+    tree = ast.parse((MODEL_DIR.parent / path).read_text())
+    reached = sorted(
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and (
+            (isinstance(node.value, ast.Name) and node.value.id == "model")
+            or (isinstance(node.value, ast.Attribute) and node.value.attr == "model")
+        )
+    )
+    assert not reached, f"{path} reaches into the model: {reached}"
+    if path == "model/streaming.py":  # the session touches nothing of the model but its call
+        touched = [
+            node.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "model"
+        ]
+        assert not touched, touched

@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from omnistream_cli.benchmarks.stream import benchmark_stream, matmul_peak_gflops, step_gflop
-from omnistream_perception.model import OmniStreamModel
+from omnistream_perception.model import OmniStreamModel, OmniStreamSession
 
 
 def counted_gflop(stream, pixels) -> float:
@@ -23,7 +23,7 @@ def counted_gflop(stream, pixels) -> float:
 def test_single_frame_step_matches_the_flop_counter(ffn, camera_token):
     torch.manual_seed(0)
     model = OmniStreamModel.from_preset("debug", ffn_layer=ffn).eval()
-    stream = model.stream(window=4, sink=1, camera_token=camera_token)
+    stream = OmniStreamSession(model, window=4, sink=1, camera_token=camera_token)
     frame = torch.randn(1, 3, 32, 48)
     for frames_seen in range(7):  # through filling the window and into ring mode
         expected = step_gflop(model.config, (32, 48), stream.cached_frames + 1, camera_token=camera_token)
@@ -33,7 +33,7 @@ def test_single_frame_step_matches_the_flop_counter(ffn, camera_token):
 def test_multi_frame_step_matches_the_flop_counter():
     torch.manual_seed(0)
     model = OmniStreamModel.from_preset("debug").eval()
-    stream = model.stream()
+    stream = OmniStreamSession(model)
     stream.step(torch.randn(1, 2, 3, 32, 32))
     expected = step_gflop(model.config, 32, stream.cached_frames + 3, frames=3)
     assert counted_gflop(stream, torch.randn(1, 3, 3, 32, 32)) == pytest.approx(expected, rel=1e-9)

@@ -21,7 +21,7 @@ from omnistream_perception.deploy.onnx_session import (  # noqa: E402
     compare_with_torch,
     read_metadata,
 )
-from omnistream_perception.model import OmniStreamModel, StreamResetWarning  # noqa: E402
+from omnistream_perception.model import OmniStreamModel, OmniStreamSession, StreamResetWarning  # noqa: E402
 from omnistream_perception.model.heads import GeometryHeads, GeometryHeadsConfig  # noqa: E402
 from omnistream_perception.perception import PerceptionConfig, PerceptionSession  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_the_ring_really_bounds_the_context(fixture_a, tmp_path):
     """The parity above is not vacuous: past the window, the bounded step differs from an unbounded stream."""
     model = OmniStreamModel.from_pretrained(fixture_a)
     path = export_stream_step(model, tmp_path / "step.onnx", window=4, sink=1, resolution=(64, 64))
-    onnx_stream, unbounded = OnnxStreamSession(path), model.stream(window=None)
+    onnx_stream, unbounded = OnnxStreamSession(path), OmniStreamSession(model, window=None)
     gen = torch.Generator().manual_seed(1)
     diffs = []
     for _ in range(10):

@@ -15,7 +15,7 @@ import torch
 
 from omnistream_perception.memory import measure_peak, resident_bytes
 from omnistream_perception.model import OmniStreamModel
-from omnistream_perception.model.streaming import as_dtype
+from omnistream_perception.model.streaming import OmniStreamSession, as_dtype
 
 from .report import device_label, write_json_report
 
@@ -108,8 +108,8 @@ def stream_cosine(
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     generator = torch.Generator().manual_seed(seed)
-    ref_stream = reference.stream(window=window, sink=sink)
-    low_stream = model.stream(window=window, sink=sink)
+    ref_stream = OmniStreamSession(reference, window=window, sink=sink)
+    low_stream = OmniStreamSession(model, window=window, sink=sink)
     patch_cos, cls_cos = [], []
     for _ in range(frames):
         frame = torch.randn(1, 3, resolution, resolution, generator=generator).to(device)
@@ -157,7 +157,7 @@ def benchmark_stream(
     torch.manual_seed(0)
     clip = torch.randn(1, min(max(frame_counts), 64), 3, resolution, resolution, device=device, dtype=dtype)
     results = []
-    stream = model.stream(window=window, sink=sink, cache_dtype=cache_dtype)
+    stream = OmniStreamSession(model, window=window, sink=sink, cache_dtype=cache_dtype)
     for t in sorted(frame_counts):
         _prefill(stream, clip, t - 1)
         frame = clip[:, (t - 1) % clip.shape[1]]

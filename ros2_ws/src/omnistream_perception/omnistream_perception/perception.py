@@ -8,7 +8,6 @@ unless depth/pose/points are wanted.
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import OmniStreamModel, StreamResetWarning
+from .model import OmniStreamModel, OmniStreamSession
 from .model.configuration_omnistream import CONFIG_NAME
 from .model.geometry import depth_to_world_points, intrinsics_from_fov, pose_encoding_to_matrix
 from .model.heads import GeometryHeads
@@ -101,7 +100,6 @@ class PerceptionResult:
     intrinsics: np.ndarray | None = None  # (3, 3) predicted, for the input resolution
     points: np.ndarray | None = None  # (N, 3) float32 world points (N = H*W)
     timings: dict[str, float] = field(default_factory=dict)
-    stream_reset: str | None = None  # why the stream restarted before this frame, if it did
 
 
 class PerceptionSession:
@@ -113,8 +111,8 @@ class PerceptionSession:
         self.heads = heads.to(self.device, self.dtype).eval() if heads is not None else None
         use_camera = config.camera_token if config.camera_token is not None else heads is not None
         self.processor = OmniStreamImageProcessor(config.max_side, model.config.patch_size * config.feature_pooling)
-        self.stream = model.stream(window=config.window, sink=config.sink, camera_token=use_camera)
-        self._input_size: tuple[int, int] | None = None
+        # The stream holds the KV cache, the frame counter and the resolution guard (a new model input size restarts it).
+        self.stream = OmniStreamSession(self.model, window=config.window, sink=config.sink, camera_token=use_camera)
 
     @classmethod
     def from_config(cls, config: PerceptionConfig) -> PerceptionSession:
@@ -140,7 +138,6 @@ class PerceptionSession:
 
     def reset(self) -> None:
         self.stream.reset()
-        self._input_size = None
 
     # -- one frame ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -159,16 +156,7 @@ class PerceptionSession:
         if rgb.shape[0] == 0 or rgb.shape[1] == 0:
             raise ValueError(f"empty image: {rgb.shape}")
         timings: dict[str, float] = {}
-        reset_reason = None
         size = rgb.shape[:2]
-        if self._input_size is not None and self._input_size != size:
-            reset_reason = (
-                f"input resolution changed from {self._input_size[1]}x{self._input_size[0]} to {size[1]}x{size[0]}"
-            )
-            warnings.warn(reset_reason + ": the stream restarts at frame 0", StreamResetWarning, stacklevel=2)
-            self.reset()
-        self._input_size = size
-
         t0 = time.perf_counter()
         pixels = self.processor(rgb, self.device, self.dtype)
         t1 = time.perf_counter()
@@ -187,7 +175,6 @@ class PerceptionSession:
             patch_tokens=tokens.to(getattr(torch, self.config.feature_dtype)).cpu().numpy(),
             cls_token=out.pooler_output[0, 0].float().cpu().numpy(),
             camera_token=None if out.camera_token is None else out.camera_token[0, 0].float().cpu().numpy(),
-            stream_reset=reset_reason,
         )
         if want_depth or want_pose:
             self._run_heads(out, pixels.shape[-2:], size, want_depth, want_pose, want_points, intrinsics, result)

@@ -2,7 +2,7 @@
 
 For each context length T the step of frame T runs over a cache of min(T-1, window) frames, in onnxruntime (a
 float32 backbone graph with exactly that many slots, timed through ``OnnxStreamSession`` so the copy of the new
-frame's keys/values into its slot counts) and in torch (``model.stream()``, the cache restored before each repeat,
+frame's keys/values into its slot counts) and in torch (``OmniStreamSession``, the cache restored before each repeat,
 as the torch benchmark does). The two alternate repeat by repeat, so load from other processes hits both alike
 and their ratio stays meaningful on a busy machine.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..model.streaming import OmniStreamSession
 from .onnx_export import export_stream_step
 from .onnx_session import OnnxStreamSession
 
@@ -31,7 +32,7 @@ def _timed_ms(fn) -> float:
 def _torch_step_at(model, t: int, resolution: int, window: int | None, sink: int, generator):
     """(restore, step): ``restore()`` puts back the cache torch holds after ``t - 1`` frames, ``step()`` steps frame t."""
     p = next(model.parameters())
-    stream = model.stream(window=window, sink=sink)
+    stream = OmniStreamSession(model, window=window, sink=sink)
     # The cache after t-1 frames, reached with as few frames as possible: a full ring needs window + 1.
     prefill = t - 1 if window is None else min(t - 1, window + 1)
     while stream.frames_seen < prefill:

@@ -16,6 +16,9 @@ outputs
   and with heads ``depth``, ``depth_conf`` (B, H, W), ``pose_enc`` (B, 9) (camera token), ``rays`` /
   ``points`` (B, H, W, 6 / 3) when asked for.
 
+The graph is the model's own forward (``model(frame, past_key_values=slots, frame_offset=frame_index)``), the
+slots standing in for the KV cache, so the exported step cannot drift from the torch one.
+
 Which slot the new frame goes to (sinks stay, a ring of recent frames) is bookkeeping outside the graph
 (:class:`~omnistream_perception.deploy.onnx_session.OnnxStreamSession`): attention over the slots is
 permutation invariant, so the graph never needs to know the ring position, and a deployment runtime only
@@ -47,13 +50,32 @@ def input_names(num_layers: int) -> list[str]:
 
 
 class _SlotCache:
-    """The graph's cache inputs behind the one call attention makes on a ``KVCache``: ``write(layer, k, v)``
-    returns the keys/values to attend over (every slot, then this frame) and keeps this frame's for the outputs."""
+    """The graph's cache inputs as the model's ``past_key_values`` (the calls of ``kv_cache.StepCache``): the
+    keys/values to attend over are every slot, then this frame's; the mask hides the slots marked not valid;
+    this frame's keys/values are kept for the outputs. Nothing is stored: the runtime places them."""
 
-    def __init__(self, cache: tuple[torch.Tensor, ...]) -> None:
+    num_cached = 0  # the slots are inputs: the frame offset is a graph input too, never checked against them
+
+    def __init__(self, cache: tuple[torch.Tensor, ...], past_valid: torch.Tensor) -> None:
         self.cache = cache
+        self.past_valid = past_valid
+        self.tokens_per_frame = 0
         self.new_keys: list[torch.Tensor] = []
         self.new_values: list[torch.Tensor] = []
+
+    def begin_step(self, num_frames: int, tokens_per_frame: int, num_layers: int) -> None:
+        if num_frames != 1:
+            raise ValueError(f"the exported step computes one frame, got {num_frames}")
+        self.tokens_per_frame = tokens_per_frame
+
+    def step_mask(self, device: torch.device) -> torch.Tensor:
+        n, window = self.tokens_per_frame, self.past_valid.shape[0]
+        # keys: the window's slots (valid or not), then this frame's own tokens (always visible)
+        visible = torch.cat([self.past_valid[:, None].expand(window, n).reshape(-1), self.past_valid.new_ones(n)])
+        return visible[None, :].expand(n, -1)
+
+    def end_step(self) -> None:
+        pass
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.new_keys.append(k)
@@ -97,15 +119,14 @@ class StreamStepGraph(nn.Module):
             self.output_names += ["pose_enc"] if camera_token else []
 
     def forward(self, pixel_values, frame_index, past_valid, *cache):
-        model, n = self.model, self.tokens_per_frame
-        tokens = model.embed_frames(pixel_values[:, None], frame_index, self.camera_token, None)  # (B, 1, N, D)
-        cos, sin = model.rope_tables(frame_index, self.grid[0], self.grid[1], self.camera_token)
-        # keys: the window's slots (valid or not), then this frame's own tokens (always visible)
-        visible = torch.cat([past_valid[:, None].expand(self.window, n).reshape(-1), past_valid.new_ones(n)])
-        slots = _SlotCache(cache)
-        layers = self.heads.layers if self.heads is not None else False
-        x, hidden = model.run_blocks(tokens, cos, sin, visible[None, :].expand(n, -1), layers, slots)
-        out = model.outputs_from(x, hidden, self.camera_token, self.grid, frame_index)
+        slots = _SlotCache(cache, past_valid)
+        out = self.model(
+            pixel_values[:, None],
+            camera_token=self.camera_token,
+            output_hidden_states=self.heads.layers if self.heads is not None else False,
+            past_key_values=slots,
+            frame_offset=frame_index,
+        )
         outputs = [out.last_hidden_state[:, 0], out.pooler_output[:, 0]]
         if self.camera_token:
             outputs.append(out.camera_token[:, 0])

@@ -19,6 +19,7 @@ import torch
 
 from ..cpu_threads import default_threads
 from ..model.modeling_omnistream import OmniStreamOutput
+from ..model.streaming import OmniStreamSession, warn_stream_restart
 from .onnx_export import FORMAT_VERSION, METADATA_KEY, _float32_cpu
 
 
@@ -54,7 +55,7 @@ def ring_slot(frame_index: int, window: int, sink: int) -> int | None:
 
 
 class OnnxStreamSession:
-    """Drop-in for ``model.stream(window=W, sink=S, camera_token=...)`` backed by an exported step."""
+    """Drop-in for ``OmniStreamSession(model, window=W, sink=S, camera_token=...)`` backed by an exported step."""
 
     def __init__(self, path: str | Path, *, threads: int | None = None, providers: Sequence[str] | None = None):
         import onnxruntime as ort
@@ -106,6 +107,7 @@ class OnnxStreamSession:
         self._values = np.zeros(self._cache_shape, dtype=np.float32)
         self._valid = np.zeros(self.window, dtype=bool)
         self.frames_seen = 0
+        self._resolution: tuple[int, int] | None = None
         self.last_output: OnnxStreamOutput | None = None
 
     def step(
@@ -131,6 +133,10 @@ class OnnxStreamSession:
         if pixels.ndim != 5 or pixels.shape[2] != 3:
             raise ValueError(f"pixel_values must have shape (batch, [frames,] 3, height, width), got {pixels.shape}")
         b, k, _, h, w = pixels.shape
+        if self._resolution is not None and (h, w) != self._resolution:
+            # A new size ends the stream, as in the torch session, even though the graph then refuses the frame.
+            warn_stream_restart(self._resolution, (h, w))
+            self.reset()
         if b != self.batch_size or (h, w) != self.resolution:
             raise ValueError(
                 f"the exported step takes batch {self.batch_size} at {self.resolution[0]}x{self.resolution[1]} (HxW), "
@@ -139,6 +145,7 @@ class OnnxStreamSession:
         if k == 0:
             raise ValueError("pixel_values has no frames")
         steps = [self._step_one(np.ascontiguousarray(pixels[:, i])) for i in range(k)]
+        self._resolution = (h, w)
         per = {name: np.stack([s[name] for s in steps], axis=1) for name in self.output_names if "new_" not in name}
         as_t = torch.from_numpy
         heads = {n: as_t(per[n]) for n in ("depth", "depth_conf", "rays", "points", "pose_enc") if n in per}
@@ -242,7 +249,8 @@ def compare_with_torch(
     onnx_stream = OnnxStreamSession(path, threads=threads)
     model = _float32_cpu(model)
     heads = _float32_cpu(heads) if heads is not None and onnx_stream.has_heads else None
-    stream = model.stream(
+    stream = OmniStreamSession(
+        model,
         batch_size=onnx_stream.batch_size,
         window=onnx_stream.window,
         sink=onnx_stream.sink,

@@ -12,39 +12,56 @@ Slots are always used as a contiguous prefix so attention reads one view, no gat
   computed sit in scratch slots right after the resident ones. Order inside the cache does not matter:
   attention over cached keys is permutation invariant and time lives in the (already applied) RoPE,
   computed from the absolute frame index.
+
+The cache is created empty, knowing only its policy (window, sink, storage dtype); the model's forward gives
+it the frame layout and the buffer is allocated at the first keys written. What the forward calls on its
+``past_key_values`` is :class:`StepCache`; the ONNX export passes its own object with the same calls.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 
+class StepCache(Protocol):
+    """The calls ``OmniStreamModel.forward`` makes on ``past_key_values`` for one step of ``num_frames`` frames."""
+
+    num_cached: int
+
+    def begin_step(self, num_frames: int, tokens_per_frame: int, num_layers: int) -> None: ...
+
+    def step_mask(self, device: torch.device) -> torch.Tensor | None: ...
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def end_step(self) -> None: ...
+
+
 class KVCache:
+    """Keys/values of the frames of one stream (a batch of streams advancing together), bounded or not.
+
+    ``dtype`` is the storage dtype (e.g. bfloat16 beside a float32 model); None stores what the model computes.
+    """
+
     def __init__(
         self,
-        num_layers: int,
-        batch_size: int,
-        num_heads: int,
-        head_dim: int,
-        tokens_per_frame: int,
         *,
-        window: int | None,
-        sink: int,
-        dtype: torch.dtype,
-        device: torch.device,
+        window: int | None = None,
+        sink: int = 1,
+        dtype: torch.dtype | None = None,
         initial_frames: int = 16,
     ) -> None:
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1 frame or None, got {window}")
         if window is not None and not 0 <= sink <= window:
             raise ValueError(f"sink must be in [0, window={window}], got {sink}")
-        self.shape = (num_layers, 2, batch_size, num_heads)
-        self.head_dim = head_dim
-        self.tokens_per_frame = tokens_per_frame
         self.window = window
         self.sink = sink if window is not None else 0
         self.dtype = dtype
-        self.device = device
+        self.tokens_per_frame: int | None = None  # set by the first step
+        self.num_layers: int | None = None
         self._initial_frames = initial_frames if window is None else window + 1
         self.buffer: torch.Tensor | None = None
         self.num_cached = 0  # frames resident in the cache
@@ -62,7 +79,13 @@ class KVCache:
     def nbytes(self) -> int:
         return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
 
-    def _ensure_capacity(self, frames: int) -> None:
+    def _ensure_capacity(self, frames: int, like: torch.Tensor) -> None:
+        """Room for ``frames`` frames of keys shaped like ``like`` (batch, heads, tokens, head_dim)."""
+        batch, heads, _, head_dim = like.shape
+        if self.buffer is not None:
+            held = (self.buffer.shape[2], self.buffer.shape[3], self.buffer.shape[5])
+            if held != (batch, heads, head_dim):
+                raise ValueError(f"this cache holds (batch, heads, head_dim) = {held}, got {(batch, heads, head_dim)}")
         if frames <= self.capacity_frames:
             return
         if self.window is None:
@@ -70,7 +93,14 @@ class KVCache:
         else:
             frames = max(frames, self._initial_frames)
         new = torch.empty(
-            *self.shape, frames * self.tokens_per_frame, self.head_dim, dtype=self.dtype, device=self.device
+            self.num_layers,
+            2,
+            batch,
+            heads,
+            frames * self.tokens_per_frame,
+            head_dim,
+            dtype=self.dtype or like.dtype,
+            device=like.device,
         )
         if self.buffer is not None and self.num_cached:
             used = self.num_cached * self.tokens_per_frame
@@ -78,17 +108,24 @@ class KVCache:
         self.buffer = new
 
     # -- one step -------------------------------------------------------------------------------------
-    def begin_step(self, num_frames: int) -> None:
+    def begin_step(self, num_frames: int, tokens_per_frame: int, num_layers: int) -> None:
         """Reserves scratch slots for the ``num_frames`` frames about to be computed."""
+        if self.num_cached and (tokens_per_frame, num_layers) != (self.tokens_per_frame, self.num_layers):
+            raise ValueError(
+                f"this cache holds frames of {self.tokens_per_frame} tokens in {self.num_layers} layers, got"
+                f" {tokens_per_frame} tokens in {num_layers}: a new resolution or model needs a new cache"
+            )
+        self.tokens_per_frame, self.num_layers = tokens_per_frame, num_layers
         self._step_start = self.num_cached
         self._step_frames = num_frames
-        self._ensure_capacity(self.num_cached + num_frames)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores this step's keys/values of one layer; returns the keys/values to attend over."""
-        assert self.buffer is not None, "begin_step() first"
+        assert self.tokens_per_frame is not None, "begin_step() first"
         n = self.tokens_per_frame
         start, stop = self._step_start * n, (self._step_start + self._step_frames) * n
+        if layer == 0:  # the first layer of a step allocates or grows the buffer, once for all layers
+            self._ensure_capacity(self._step_start + self._step_frames, k)
         self.buffer[layer, 0, :, :, start:stop] = k
         self.buffer[layer, 1, :, :, start:stop] = v
         keys = self.buffer[layer, 0, :, :, :stop]

@@ -1,8 +1,12 @@
 """The OmniStream backbone: a DINOv3-style ViT with frame-causal attention, 3D-RoPE and a KV cache.
 
 Parameter names follow the authors' checkpoint exactly (everything lives under ``patch_embed.``), so the
-published ``model.safetensors`` loads unchanged. Streaming lives in ``streaming.py``; this file holds the
-network and the full causal pass.
+published ``model.safetensors`` loads unchanged.
+
+One forward serves the whole clip and the stream, as ``past_key_values`` does in Hugging Face transformers:
+``model(pixel_values)`` is one frame-causal pass; ``model(frames, past_key_values=cache, frame_offset=t)``
+continues a stream whose first ``t`` frames went through ``cache`` (a :class:`~.kv_cache.KVCache`). The
+streaming session (``streaming.py``) keeps the cache and the frame counter; this file does not know it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .configuration_omnistream import CONFIG_NAME, OmniStreamConfig
-from .kv_cache import KVCache
+from .kv_cache import StepCache
 from .rope import apply_rope, rope_cos_sin
 
 WEIGHTS_NAME = "model.safetensors"
@@ -37,9 +41,6 @@ class OmniStreamOutput:
     patch_start_idx: int
     grid_size: tuple[int, int]  # (h, w) patches per frame
     frame_indices: torch.Tensor  # (T,) absolute index of each frame in its stream
-
-    def __getitem__(self, key: str):
-        return getattr(self, key)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None = None,
+        cache: StepCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
         b, n, d = x.shape
@@ -152,8 +153,8 @@ class OmniStreamEncoder(nn.Module):
 # The model
 # ------------------------------------------------------------------------------------------------------
 class OmniStreamModel(nn.Module):
-    """``model(pixel_values)`` is one frame-causal pass over ``(B, T, 3, H, W)`` clips;
-    ``model.stream()`` opens a streaming session with a persistent KV cache (see ``streaming.py``)."""
+    """``model(pixel_values)`` is one frame-causal pass over ``(B, T, 3, H, W)`` clips; with ``past_key_values``
+    and ``frame_offset`` the same pass continues a stream (``streaming.OmniStreamSession`` keeps both)."""
 
     config_class = OmniStreamConfig
 
@@ -246,7 +247,7 @@ class OmniStreamModel(nn.Module):
     def patch_start_idx(self, camera_token: bool) -> int:
         return 1 + int(camera_token) + self.config.num_register_tokens
 
-    def check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Validates ``(B, T, 3, H, W)`` input; raises ValueError saying what to fix."""
         if not isinstance(pixel_values, torch.Tensor):
             raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -268,7 +269,7 @@ class OmniStreamModel(nn.Module):
         return pixel_values
 
     # -- tokens ---------------------------------------------------------------------------------------
-    def embed_frames(
+    def _embed_frames(
         self,
         pixel_values: torch.Tensor,
         frame_indices: torch.Tensor,
@@ -305,7 +306,7 @@ class OmniStreamModel(nn.Module):
             raise ValueError(f"aspect_ratio must be a positive float or one per batch element, got {aspect_ratio}")
         return ratio.expand(batch, 1)
 
-    def rope_tables(self, frame_indices, grid_h, grid_w, camera_token, coord_scale=None):
+    def _rope_tables(self, frame_indices, grid_h, grid_w, camera_token, coord_scale=None):
         cfg = self.config
         return rope_cos_sin(
             frame_indices,
@@ -319,18 +320,17 @@ class OmniStreamModel(nn.Module):
         )
 
     # -- one pass over tokens -------------------------------------------------------------------------
-    def run_blocks(
+    def _run_blocks(
         self,
         tokens: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        output_hidden_states: bool | Sequence[int],
-        cache: KVCache | None = None,
+        keep: list[int] | None,
+        cache: StepCache | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """tokens (B, T, N, D) -> last block output (B, T, N, D) and the requested per-block outputs."""
+        """tokens (B, T, N, D) -> last block output (B, T, N, D) and the outputs of the blocks in ``keep``."""
         b, t, n, d = tokens.shape
-        keep = _wanted_layers(output_hidden_states, self.config.depth)
         x = tokens.reshape(b, t * n, d)
         collected = {}
         for i, block in enumerate(self.patch_embed.blocks):
@@ -340,7 +340,7 @@ class OmniStreamModel(nn.Module):
         hidden = tuple(collected[i] for i in keep) if keep is not None else None
         return x.reshape(b, t, n, d), hidden
 
-    def outputs_from(self, x, hidden, camera_token, grid, frame_indices) -> OmniStreamOutput:
+    def _outputs(self, x, hidden, camera_token, grid, frame_indices) -> OmniStreamOutput:
         normed = self.patch_embed.post_layernorm(x)
         start = self.patch_start_idx(camera_token)
         return OmniStreamOutput(
@@ -360,34 +360,43 @@ class OmniStreamModel(nn.Module):
         camera_token: bool = False,
         *,
         output_hidden_states: bool | Sequence[int] = True,
+        past_key_values: StepCache | None = None,
+        frame_offset: int | torch.Tensor = 0,
         masks: torch.Tensor | None = None,
-        first_frame_index: int = 0,
         rope_coord_scale: tuple[float, float] | None = None,
     ) -> OmniStreamOutput:
-        """One frame-causal pass: every token of frame t sees all tokens of frames <= t."""
-        pixel_values = self.check_pixel_values(pixel_values)
-        b, t, _, h, w = pixel_values.shape
+        """One frame-causal pass: every token of frame t sees all tokens of frames <= t.
+
+        ``frame_offset`` is the absolute index of the first frame in its stream (RoPE time, first-frame tokens).
+        ``past_key_values``: the earlier frames' keys/values; this call attends over them and adds its own
+        frames. None (the full clip) gives what an empty cache with offset 0 gives.
+        """
+        pixel_values = self._check_pixel_values(pixel_values)
+        keep = _wanted_layers(output_hidden_states, self.config.depth)
+        cache = past_key_values
+        if cache is not None and isinstance(frame_offset, int) and frame_offset < cache.num_cached:
+            raise ValueError(
+                f"frame_offset {frame_offset} is behind the {cache.num_cached} frames in past_key_values: pass the"
+                " absolute index of the first new frame"
+            )
+        t, (h, w) = pixel_values.shape[1], pixel_values.shape[-2:]
         p = self.config.patch_size
+        grid = (h // p, w // p)
         device = pixel_values.device
-        frames = torch.arange(first_frame_index, first_frame_index + t, device=device)
-        tokens = self.embed_frames(pixel_values, frames, camera_token, aspect_ratio, masks)
-        cos, sin = self.rope_tables(frames, h // p, w // p, camera_token, rope_coord_scale)
-        mask = frame_causal_mask(t, tokens.shape[2], device) if t > 1 else None
-        x, hidden = self.run_blocks(tokens, cos, sin, mask, output_hidden_states)
-        return self.outputs_from(x, hidden, camera_token, (h // p, w // p), frames)
-
-    def stream(
-        self,
-        batch_size: int = 1,
-        window: int | None = None,
-        sink: int = 1,
-        camera_token: bool = False,
-        cache_dtype: torch.dtype | str | None = None,
-    ):
-        """Opens a streaming session; see :class:`~omnistream_perception.model.streaming.OmniStreamSession`."""
-        from .streaming import OmniStreamSession
-
-        return OmniStreamSession(self, batch_size, window, sink, camera_token, cache_dtype)
+        offset = frame_offset.to(device) if isinstance(frame_offset, torch.Tensor) else frame_offset
+        frames = torch.arange(t, device=device) + offset  # (T,) absolute indices
+        tokens = self._embed_frames(pixel_values, frames, camera_token, aspect_ratio, masks)
+        cos, sin = self._rope_tables(frames, grid[0], grid[1], camera_token, rope_coord_scale)
+        n = tokens.shape[2]
+        if cache is None:
+            mask = frame_causal_mask(t, n, device) if t > 1 else None
+        else:
+            cache.begin_step(t, n, self.config.depth)
+            mask = cache.step_mask(device)
+        x, hidden = self._run_blocks(tokens, cos, sin, mask, keep, cache)
+        if cache is not None:
+            cache.end_step()
+        return self._outputs(x, hidden, camera_token, grid, frames)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -1,8 +1,11 @@
 """A streaming session: frames in one at a time (or in chunks), outputs equal to the full causal pass.
 
->>> stream = model.stream(batch_size=1, window=None, sink=1)
+>>> stream = OmniStreamSession(model, batch_size=1, window=None, sink=1)
 >>> out = stream.step(frame)          # (B, 3, H, W) one frame, or (B, k, 3, H, W) a chunk of k frames
 >>> stream.frames_seen, stream.cached_frames
+
+The session holds what a stream has beyond the network: its KV cache, its frame counter and the resolution it
+runs at. Each step is one call of the model's forward with ``past_key_values`` and ``frame_offset``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,21 @@ def as_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     return _DTYPES[value]
 
 
+def warn_stream_restart(previous: tuple[int, int], new: tuple[int, int], stacklevel: int = 2) -> None:
+    """The :class:`StreamResetWarning` of a stream that ran at ``previous`` (H, W) and gets a frame at ``new``.
+
+    The cache holds the keys of one token grid and RoPE coordinates are relative to the grid, so a new resolution
+    starts the stream again at frame 0. Shared by the torch session and the ONNX one. ``stacklevel`` as in
+    ``warnings.warn``, seen from the caller: 2 names the line that called the session's step.
+    """
+    warnings.warn(
+        f"input resolution changed from {previous[0]}x{previous[1]} to {new[0]}x{new[1]}: "
+        "the stream restarts at frame 0",
+        StreamResetWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
 class OmniStreamSession:
     """Persistent KV cache over ``batch_size`` streams that advance together.
 
@@ -64,23 +82,24 @@ class OmniStreamSession:
         self.sink = sink
         self.camera_token = camera_token
         self.cache_dtype = as_dtype(cache_dtype)
-        self.cache: KVCache | None = None
-        self.frames_seen = 0
-        self._resolution: tuple[int, int] | None = None
+        self.reset()
 
     @property
     def cached_frames(self) -> int:
-        return 0 if self.cache is None else self.cache.num_cached
+        return self.cache.num_cached
 
     @property
     def cache_bytes(self) -> int:
-        return 0 if self.cache is None else self.cache.nbytes
+        return self.cache.nbytes
+
+    def _new_cache(self) -> KVCache:
+        return KVCache(window=self.window, sink=self.sink, dtype=self.cache_dtype)
 
     def reset(self) -> None:
         """Forgets every frame: the next one is frame 0 again (first-frame tokens, time 0)."""
-        self.cache = None
+        self.cache = self._new_cache()
         self.frames_seen = 0
-        self._resolution = None
+        self._resolution: tuple[int, int] | None = None
 
     @torch.inference_mode()
     def step(
@@ -90,45 +109,33 @@ class OmniStreamSession:
         *,
         output_hidden_states: bool | Sequence[int] = False,
     ) -> OmniStreamOutput:
-        """Encodes the next frame ``(B, 3, H, W)`` or the next ``k`` frames ``(B, k, 3, H, W)``."""
-        model = self.model
-        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
-            pixel_values = pixel_values[:, None]
-        pixel_values = model.check_pixel_values(pixel_values)
-        b, k, _, h, w = pixel_values.shape
-        if b != self.batch_size:
-            raise ValueError(f"this stream was opened with batch_size={self.batch_size}, got a batch of {b}")
-        if self._resolution is not None and self._resolution != (h, w):
-            warnings.warn(
-                f"input resolution changed from {self._resolution[0]}x{self._resolution[1]} to {h}x{w}: "
-                "the stream restarts at frame 0",
-                StreamResetWarning,
-                stacklevel=2,
-            )
-            self.reset()
-        p = model.config.patch_size
-        grid = (h // p, w // p)
-        device = pixel_values.device
-        frames = torch.arange(self.frames_seen, self.frames_seen + k, device=device)
-        tokens = model.embed_frames(pixel_values, frames, self.camera_token, aspect_ratio)
-        if self.cache is None:
-            cfg = model.config
-            self.cache = KVCache(
-                cfg.depth,
-                b,
-                cfg.num_attention_heads,
-                cfg.head_dim,
-                tokens.shape[2],
-                window=self.window,
-                sink=self.sink,
-                dtype=self.cache_dtype or tokens.dtype,
-                device=device,
-            )
-            self._resolution = (h, w)
-        cos, sin = model.rope_tables(frames, grid[0], grid[1], self.camera_token)
-        self.cache.begin_step(k)
-        mask = self.cache.step_mask(device)
-        x, hidden = model.run_blocks(tokens, cos, sin, mask, output_hidden_states, self.cache)
-        self.cache.end_step()
-        self.frames_seen += k
-        return model.outputs_from(x, hidden, self.camera_token, grid, frames)
+        """Encodes the next frame ``(B, 3, H, W)`` or the next ``k`` frames ``(B, k, 3, H, W)``.
+
+        A frame at a new resolution restarts the stream (with a :class:`StreamResetWarning`); a frame the model
+        refuses raises its ValueError and leaves the stream as it was.
+        """
+        resolution = None
+        if isinstance(pixel_values, torch.Tensor):
+            if pixel_values.ndim == 4:
+                pixel_values = pixel_values[:, None]
+            if pixel_values.ndim == 5 and pixel_values.shape[0] != self.batch_size:
+                raise ValueError(
+                    f"this stream was opened with batch_size={self.batch_size}, got a batch of {pixel_values.shape[0]}"
+                )
+            resolution = tuple(pixel_values.shape[-2:])
+        restart = self._resolution is not None and resolution != self._resolution
+        # A restart gets a fresh cache, committed only once the model has accepted the frame.
+        cache, offset = (self._new_cache(), 0) if restart else (self.cache, self.frames_seen)
+        out = self.model(
+            pixel_values,
+            aspect_ratio,
+            self.camera_token,
+            output_hidden_states=output_hidden_states,
+            past_key_values=cache,
+            frame_offset=offset,
+        )
+        if restart:
+            warn_stream_restart(self._resolution, resolution, stacklevel=3)  # past the inference_mode wrapper
+        self.cache, self._resolution = cache, resolution
+        self.frames_seen = offset + out.frame_indices.shape[0]
+        return out
