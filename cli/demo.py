@@ -34,7 +34,7 @@ EVAL_SEED = 100_000  # first closed-loop episode seed of `--seed 0` (evaluate_ta
 class DemoConfig:
     out: str = "outputs/demo"
     retrain: bool = False
-    tasks: str = "lift"  # three tasks in one scene that differ only by the named block
+    tasks: str = "all"  # lift and push-left, each with three colours: the instruction names the verb and the block
     # Blocks in three fixed slots with their colours shuffled per episode (see TabletopConfig.layout): the policy
     # must still read the instruction and find that colour, but not localise a block anywhere on the table.
     layout: str = "slots"
@@ -42,7 +42,10 @@ class DemoConfig:
     # expert's executed motion is perturbed (DART: the labels stay clean), so demonstrations show recoveries.
     start_noise: tuple[float, float, float] = (0.05, 0.15, 0.04)
     action_noise: float = 0.3
-    demos: int = 300  # 150 were not enough for the policy to ground colours on held-out layouts
+    # A third of the lift demonstrations act out a missed grasp and recover from it (see record_expert_episode):
+    # without them a policy whose grasp misses by a few centimetres rises empty-handed and hovers there.
+    grasp_miss: float = 0.3
+    demos: int = 360  # 60 per task; 50 per task were not enough to ground colours on held-out layouts
     geometry_sequences: int = 40
     geometry_frames: int = 8
     heldout_sequences: int = 6
@@ -51,11 +54,12 @@ class DemoConfig:
     pretrain_args: list[str] = field(default_factory=list)
     vla_preset: str = "demo"
     vla_args: list[str] = field(default_factory=lambda: ["--set", 'features="stream"'])
-    eval_episodes: int = 30
-    # Control steps per evaluation episode: from the demo's wide starts the scripted expert lifts a block in 37 steps
-    # on average (46 at most, with its DART noise), the trained policy in 32-36; 50 leaves margin while failures
-    # (and every swapped-instruction episode of a policy that follows language) stop well before the default 100.
-    eval_max_steps: int = 50
+    eval_episodes: int = 60  # 10 per task
+    # Control steps per evaluation episode: from the demo's wide starts the scripted expert solves a task in 35 steps
+    # on average (43 at most, with its DART noise) and in 59 (78 at most) when it recovers from a missed grasp; 80
+    # leaves room for one recovery while failures (and every swapped-instruction episode of a policy that follows
+    # language) stop before the default 100.
+    eval_max_steps: int = 80
     # Geometry is evaluated at the resolution the demo preset pretrains the heads at (its single 64 px stage):
     # 128 px frames are resized to 64 px (the AbsRel at 128 px is ~4x worse for these 2-minute heads).
     perception_max_side: int | None = 64
@@ -142,6 +146,7 @@ def stage_data(cfg: DemoConfig, root: Path) -> tuple[dict[str, Path], bool]:
         "layout",
         "start_noise",
         "action_noise",
+        "grasp_miss",
         "demos",
         "geometry_sequences",
         "geometry_frames",
@@ -160,6 +165,7 @@ def stage_data(cfg: DemoConfig, root: Path) -> tuple[dict[str, Path], bool]:
         tasks=cfg.tasks,
         config=cfg.tabletop(),
         action_noise=cfg.action_noise,
+        grasp_miss=cfg.grasp_miss,
     )
     _finish(paths["demos"], key)
     generate_geometry_sequences(

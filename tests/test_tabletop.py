@@ -261,3 +261,42 @@ def test_dart_noise_perturbs_the_motion_but_keeps_clean_expert_labels():
         noisy_env.reset(seed=11, task="lift_red")
         for t, label in enumerate(noisy.arrays["actions"][:5]):
             assert np.allclose(expert.select_action({"state": states[t]}), label, atol=1e-6)
+
+
+def test_a_missed_grasp_is_acted_out_and_the_labels_show_the_recovery():
+    """grasp_miss: the executed motion closes the gripper beside the block and rises; the labels (the unbiased
+    expert's) never close there: they open, go back above the block and grasp again, and the episode succeeds."""
+    config = TabletopConfig.debug(layout="slots", start_noise=(0.05, 0.15, 0.04))
+    with TabletopEnv(config) as miss_env:
+        plain = record_expert_episode(miss_env, 5, "lift_blue", action_noise=0.3)
+        again = record_expert_episode(miss_env, 5, "lift_blue", action_noise=0.3, grasp_miss=0.0)
+        np.testing.assert_array_equal(plain.arrays["actions"], again.arrays["actions"])  # off: unchanged
+        missed = [record_expert_episode(miss_env, s, "lift_blue", action_noise=0.3, grasp_miss=1.0) for s in range(4)]
+    kept = [e for e in missed if e.success]
+    assert len(kept) >= 2, [e.success for e in missed]
+    for episode in kept:
+        state, labels = episode.arrays["state"], episode.arrays["actions"]
+        executed_close = state[:, -1] < 0  # the gripper command that was executed on the step before
+        first_close = int(np.argmax(executed_close))
+        # the executed close came first, while the labels still said "open" (the unbiased expert was not there)
+        assert executed_close.any() and (labels[: first_close + 1, 6] > 0).all()
+        # ...then the gripper opened again (a recovery), and the final grasp lifted the block
+        reopened = np.flatnonzero(~executed_close[first_close:])
+        assert reopened.size > 0, "the gripper never opened again after the missed grasp"
+        assert len(episode) > len(plain)
+
+
+def test_the_expert_recovers_when_its_grasp_misses():
+    """The expert as a policy: a descent that comes down beside the block is noticed and corrected."""
+    with TabletopEnv(TabletopConfig.debug()) as env_:
+        obs = env_.reset(seed=2, task="lift_red")
+        off = ScriptedExpert(env_, target_offset=[0.035, 0.0, 0.0])
+        expert = ScriptedExpert(env_)
+        success = False
+        for _ in range(env_.config.max_steps):
+            label = expert.select_action(obs)
+            action = off.select_action(obs) if not off.misses else label
+            obs, success, done, _ = env_.step(action)
+            if done:
+                break
+        assert off.misses == 1 and success

@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="outputs/demo", help="output directory (default outputs/demo)")
     p.add_argument("--retrain", action="store_true", help="regenerate data and retrain instead of reusing checkpoints")
-    p.add_argument("--episodes", type=int, default=30, help="held-out closed-loop episodes (default 30)")
+    p.add_argument("--episodes", type=int, default=60, help="held-out closed-loop episodes (default 60: 10 per task)")
     p.add_argument("--quick", action="store_true", help="a much smaller run (smoke test; the numbers mean nothing)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0,

@@ -82,29 +82,50 @@ class GeometrySequence:
             return cls(f["rgb"], f["depth"], f["intrinsics"], f["cam_to_world"], int(f["seed"]))
 
 
-def record_expert_episode(env: TabletopEnv, seed: int, task: str, action_noise: float = 0.0) -> Episode:
+def record_expert_episode(
+    env: TabletopEnv, seed: int, task: str, action_noise: float = 0.0, grasp_miss: float = 0.0
+) -> Episode:
     """Run the scripted expert for one episode and keep every (observation, action) pair.
 
     ``action_noise`` > 0 injects noise into the *executed* motion (Gaussian, that standard deviation in action
     units on dx, dy, dz) while the recorded label stays the expert's clean action (DART-style): the closed-loop
     expert then shows how to recover from the small drifts a learned policy makes, which clean demonstrations
     never visit.
+
+    ``grasp_miss``: the probability that a lift episode starts with a missed grasp, the learned policy's most
+    common failure: the executed motion comes from an expert aiming 3-4.5 cm in front of or behind the block, which closes the
+    gripper there and rises, until it notices the block stayed behind; from then on the unbiased expert acts.
+    The labels are the unbiased expert's throughout (open, go back above the block, grasp again), so the
+    demonstrations show how to recover from a failed grasp without ever teaching to aim beside the block. An
+    episode whose off-target grasp happened to hold the block is reported as unsuccessful (it is discarded).
     """
     expert = ScriptedExpert(env)
     obs = env.reset(seed=seed, task=task)
     expert.reset()
     rng = np.random.default_rng([seed, 7])
+    mistaken = None
+    if grasp_miss > 0 and env.task.kind == "lift" and rng.random() < grasp_miss:
+        # Off in x, along the static camera's line of sight where a block's distance is hardest to see, and across
+        # the fingers' closing direction (y), so the gripper closes beside the block rather than on top of it.
+        miss_x = rng.choice([-1.0, 1.0]) * rng.uniform(0.03, 0.045)
+        mistaken = ScriptedExpert(env, target_offset=[miss_x, rng.uniform(-0.01, 0.01), 0.0])
     frames: dict[str, list] = {}
     success = False
     for _ in range(env.config.max_steps):
         action = expert.select_action(obs)
         _append(frames, obs, action)
         executed = action.copy()
+        if mistaken is not None:
+            executed = mistaken.select_action(obs)
+            if mistaken.misses:
+                mistaken = None  # it noticed the miss: the unbiased expert takes over from the next step
         if action_noise > 0:
             executed[:3] = np.clip(executed[:3] + rng.normal(0.0, action_noise, 3), -1.0, 1.0)
         obs, success, done, _ = env.step(executed)
         if done:
             break
+    if mistaken is not None:
+        success = False  # the miss was never acted out (the off-target grasp held, or time ran out)
     arrays = {k: np.stack(v) for k, v in frames.items()}
     for name in ("static_intrinsics", "static_cam_to_world", "wrist_intrinsics"):  # constant: store once
         if name in arrays:
@@ -132,9 +153,10 @@ def generate_demonstrations(
     tasks: str | tuple[str, ...] = "all",
     progress: bool = True,
     action_noise: float = 0.0,
+    grasp_miss: float = 0.0,
 ) -> list[Episode]:
     """``n`` successful expert episodes, tasks cycling through ``tasks``; saved under ``out_dir`` when given
-    (``action_noise``: see :func:`record_expert_episode`)."""
+    (``action_noise``, ``grasp_miss``: see :func:`record_expert_episode`)."""
     from tqdm import tqdm
 
     if n < 1:
@@ -150,7 +172,7 @@ def generate_demonstrations(
     with TabletopEnv(config) as env, tqdm(total=n, desc="demonstrations", unit="ep", disable=not progress) as bar:
         while len(episodes) < n:
             task = task_names[len(episodes) % len(task_names)]
-            episode = record_expert_episode(env, next_seed, task, action_noise)
+            episode = record_expert_episode(env, next_seed, task, action_noise, grasp_miss)
             next_seed += 1
             if not episode.success:
                 if next_seed - seed > 2 * n + 20:
@@ -164,7 +186,7 @@ def generate_demonstrations(
             episodes.append(episode)
             bar.update(1)
     if out is not None:
-        meta = {"config": asdict(config), "action_noise": action_noise, "episodes": index}
+        meta = {"config": asdict(config), "action_noise": action_noise, "grasp_miss": grasp_miss, "episodes": index}
         (out / "index.json").write_text(json.dumps(meta, indent=1) + "\n")
     return episodes
 
