@@ -195,24 +195,24 @@ def axis_angle_to_euler(rotvec) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- Bridge
-def bridge_to_simpler_action(action) -> np.ndarray:
-    """Bridge policy output ``(xyz, euler, gripper in [0, 1])`` -> SimplerEnv ``(xyz, axis-angle, +-1)``."""
+def _convert_action(action, rotation, gripper) -> np.ndarray:
+    """``(xyz, rotation, gripper)`` actions with the rotation and gripper mapped; the translation unchanged."""
     a = _as_actions(action)
     out = np.empty(a.shape, dtype=np.float64)
     out[..., :3] = a[..., :3]
-    out[..., 3:6] = euler_to_axis_angle(a[..., 3:6])
-    out[..., 6] = gripper_binary_to_sign(a[..., 6])
+    out[..., 3:6] = rotation(a[..., 3:6])
+    out[..., 6] = gripper(a[..., 6])
     return out.astype(np.float32)
+
+
+def bridge_to_simpler_action(action) -> np.ndarray:
+    """Bridge policy output ``(xyz, euler, gripper in [0, 1])`` -> SimplerEnv ``(xyz, axis-angle, +-1)``."""
+    return _convert_action(action, euler_to_axis_angle, gripper_binary_to_sign)
 
 
 def simpler_to_bridge_action(action) -> np.ndarray:
     """Inverse of :func:`bridge_to_simpler_action` (gripper +1 -> 1.0, -1 -> 0.0)."""
-    a = _as_actions(action)
-    out = np.empty(a.shape, dtype=np.float64)
-    out[..., :3] = a[..., :3]
-    out[..., 3:6] = axis_angle_to_euler(a[..., 3:6])
-    out[..., 6] = gripper_sign_to_binary(a[..., 6])
-    return out.astype(np.float32)
+    return _convert_action(action, axis_angle_to_euler, gripper_sign_to_binary)
 
 
 @dataclass

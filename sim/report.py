@@ -68,6 +68,16 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
+def shard_range(total: int, shard: tuple[int, int]) -> tuple[int, int]:
+    """Contiguous [start, stop) of shard ``(i, n)`` over ``total`` items (shard sizes differ by at most 1)."""
+    index, parts = shard
+    if parts < 1 or not 0 <= index < parts:
+        raise ValueError(f"shard must satisfy 0 <= i < n, got {index}/{parts}")
+    base, extra = divmod(total, parts)
+    start = index * base + min(index, extra)
+    return start, start + base + (1 if index < extra else 0)
+
+
 def build_results(
     records: Sequence[dict[str, Any]],
     *,
@@ -82,6 +92,27 @@ def build_results(
     results.update(summary)
     results.update(extra)
     results["records"] = list(records)
+    return results
+
+
+def finish_results(
+    records: Sequence[dict[str, Any]],
+    *,
+    env: str,
+    policy: str,
+    summarize: Summarizer | None = None,
+    shard: tuple[int, int] = (0, 1),
+    out_dir: str | Path | None = None,
+    title: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The end of every evaluation: :func:`build_results`, the shard ``i/n`` it covers when the run is sharded,
+    and the files (:func:`write_results`) when ``out_dir`` is given."""
+    results = build_results(records, env=env, policy=policy, summarize=summarize, **extra)
+    if shard[1] > 1:
+        results["shard"] = f"{shard[0]}/{shard[1]}"
+    if out_dir is not None:
+        write_results(results, out_dir, title=title)
     return results
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .policy import Policy
+from .policy_protocol import Policy
 
 ActionConverter = Callable[[np.ndarray], np.ndarray]
 
@@ -124,7 +124,7 @@ def evaluate_tabletop(
     """
     from tqdm import tqdm
 
-    from .report import build_results, write_results
+    from .report import finish_results
     from .tabletop import TabletopConfig, TabletopEnv
     from .tabletop.tasks import TASKS, resolve_tasks
     from .video import write_video
@@ -180,10 +180,11 @@ def evaluate_tabletop(
         if rollout_log is not None:
             rollout_log.log.close()
     seconds = time.perf_counter() - start
-    results = build_results(
+    return finish_results(
         records,
         env="tabletop",
         policy=policy_name,
+        out_dir=out,
         seed=seed,
         tasks=list(task_names),
         swap_instructions=swap_instructions,
@@ -192,6 +193,3 @@ def evaluate_tabletop(
         videos=video_paths,
         **(policy.summary() if hasattr(policy, "summary") else {}),
     )
-    if out is not None:
-        write_results(results, out)
-    return results

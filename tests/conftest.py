@@ -30,6 +30,26 @@ SHARED = REPO.parent / "shared"
 FIXTURE_A = SHARED / "fixtures" / "upstream_tiny_a"
 
 
+def run_torchrun(*argv: str, timeout: float = 600) -> None:
+    """``torchrun --nproc-per-node 2 omnistream ARGV`` on a free port, one OpenMP thread per rank; fails the test
+    with the tail of the output when a rank fails."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    def tool(name: str) -> str:
+        return shutil.which(name) or str(Path(sys.executable).with_name(name))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [tool("torchrun"), "--nproc-per-node", "2", "--master-port", str(port), tool("omnistream"), *argv]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow (make test-all)")
 

@@ -27,6 +27,14 @@ def spin_in_thread(nodes, context=None, num_threads: int | None = 4):
     return executor, thread
 
 
+def stop_spinning(executor, thread, nodes=()) -> None:
+    """Ends what ``spin_in_thread`` started (the executor, then its thread) and destroys ``nodes``."""
+    executor.shutdown()
+    thread.join(timeout=5)
+    for node in nodes:
+        node.destroy_node()
+
+
 def call_trigger(client, timeout: float = 10.0):
     """Calls a std_srvs/Trigger service (spun elsewhere) and returns its response."""
     from std_srvs.srv import Trigger

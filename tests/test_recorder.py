@@ -13,16 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from ros_helpers import call_trigger, spin_in_thread, wait_for
+from ros_helpers import call_trigger, spin_in_thread, stop_spinning, wait_for
 
-from omnistream_vla.recording import BagRecorder, RecordingError, read_episode_events
-
-
-def _string_cdr(text: str) -> bytes:
-    from rosbags.typesys import Stores, get_typestore
-
-    ts = get_typestore(Stores.ROS2_KILTED)
-    return bytes(ts.serialize_cdr(ts.types["std_msgs/msg/String"](data=text), "std_msgs/msg/String"))
+from omnistream_vla.recording import BagRecorder, RecordingError, read_episode_events, string_cdr
 
 
 def _read_strings(bag: Path, topic: str) -> list[str]:
@@ -41,11 +34,11 @@ def test_chunks_metadata_and_episodes(tmp_path):
     rec.add_topic("/instruction", "std_msgs/String")
     rec.start_episode("stack the blocks", 1_000)
     for k in range(5):
-        rec.add("/instruction", 2_000 + k, _string_cdr(f"m{k}"))
+        rec.add("/instruction", 2_000 + k, string_cdr(f"m{k}"))
     first = rec.flush()
     rec.annotate(3_000, success=True, note="clean grasp")
     for k in range(5, 8):
-        rec.add("/instruction", 4_000 + k, _string_cdr(f"m{k}"))
+        rec.add("/instruction", 4_000 + k, string_cdr(f"m{k}"))
     rec.stop_episode(5_000)
     second = rec.flush()
     bag = tmp_path / "bags" / "demo"
@@ -70,11 +63,11 @@ def test_disk_full_keeps_buffer_then_retry_writes_everything(tmp_path):
     rec = BagRecorder(tmp_path, bag_name="b", min_free_bytes=10**18)  # more than any disk: the real check fails
     rec.add_topic("/x", "std_msgs/msg/String")
     for k in range(4):
-        rec.add("/x", 10 + k, _string_cdr(str(k)))
+        rec.add("/x", 10 + k, string_cdr(str(k)))
     with pytest.raises(RecordingError, match="disk full: .* MB free"):
         rec.flush()
     assert rec.buffered_messages == 4 and "disk full" in rec.last_error
-    rec.add("/x", 20, _string_cdr("4"))  # keeps recording while the disk is full
+    rec.add("/x", 20, string_cdr("4"))  # keeps recording while the disk is full
     rec.min_free_bytes = 0
     rec.flush()
     assert rec.last_error is None and rec.buffered_messages == 0
@@ -90,7 +83,7 @@ def test_enospc_during_a_chunk_keeps_earlier_chunks_and_the_buffer(tmp_path, mon
 
     rec = BagRecorder(tmp_path, bag_name="b", min_free_bytes=0)
     rec.add_topic("/x", "std_msgs/msg/String")
-    rec.add("/x", 1, _string_cdr("first"))
+    rec.add("/x", 1, string_cdr("first"))
     rec.flush()
     real_write = Writer.write
 
@@ -98,8 +91,8 @@ def test_enospc_during_a_chunk_keeps_earlier_chunks_and_the_buffer(tmp_path, mon
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Writer, "write", full_disk)
-    rec.add("/x", 2, _string_cdr("second"))
-    rec.add("/x", 3, _string_cdr("third"))
+    rec.add("/x", 2, string_cdr("second"))
+    rec.add("/x", 3, string_cdr("third"))
     with pytest.raises(RecordingError, match="disk full: writing chunk b_1"):
         rec.flush()
     assert rec.buffered_messages == 2
@@ -115,7 +108,7 @@ def test_unwritable_path_then_new_output_dir(tmp_path):
     blocker.write_text("not a directory")
     rec = BagRecorder(blocker / "bags", bag_name="b", min_free_bytes=0)
     rec.add_topic("/x", "std_msgs/msg/String")
-    rec.add("/x", 1, _string_cdr("kept"))
+    rec.add("/x", 1, string_cdr("kept"))
     with pytest.raises(RecordingError, match="is a file, not a directory"):
         rec.flush()
     rec.set_output_dir(tmp_path / "elsewhere")
@@ -185,7 +178,7 @@ def test_live_session_records_and_converts(tmp_path):
         tasks = ["pick up the red block", "open the drawer"]
         for episode, task in enumerate(tasks):
             instruction_pub.publish(String(data=task))
-            wait_for(lambda task=task: recorder.instruction == task, what="instruction")
+            wait_for(lambda task=task: recorder.control.instruction == task, what="instruction")
             assert call_trigger(start).success
             base = pub_node.get_clock().now().nanoseconds + 20_000_000
             for k in range(frames_per_episode):
@@ -207,16 +200,14 @@ def test_live_session_records_and_converts(tmp_path):
                 )
             n_before = len(published)
             wait_for(
-                lambda n=n_before: recorder.recorder.buffered_messages >= 2 * frames_per_episode + 1, what="messages"
+                lambda n=n_before: recorder.control.recorder.buffered_messages >= 2 * frames_per_episode + 1,
+                what="messages",
             )
             if episode == 0:
                 assert call_trigger(success).success
             reply = call_trigger(stop)
             assert reply.success, reply.message
-        executor.shutdown()
-        thread.join(timeout=5)
-        recorder.destroy_node()
-        pub_node.destroy_node()
+        stop_spinning(executor, thread, [recorder, pub_node])
     finally:
         rclpy.try_shutdown()
 
@@ -249,6 +240,17 @@ def test_live_session_records_and_converts(tmp_path):
 # ----------------------------------------------------------------------------------------------- SIGKILL
 
 
+def _recorder_process(out: Path, bag_name: str, chunk_duration_s: float, log_file) -> subprocess.Popen:
+    """recorder_node in a process of its own (the console script `recorder_node` runs this module's main()),
+    recording /seq into ``out/bag_name``; its output goes to ``log_file``."""
+    cmd = [
+        sys.executable, "-m", "omnistream_vla.ros.recorder_node", "--ros-args",
+        "-p", "topics:=['/seq']", "-p", f"output_dir:={out}", "-p", f"bag_name:={bag_name}",
+        "-p", f"chunk_duration_s:={chunk_duration_s}", "-p", "min_free_mb:=0.0",
+    ]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
+
+
 @pytest.mark.ros  # no realtime mark: the default queue_depth (1000) holds every message a starved recorder gets late
 def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
     import rclpy
@@ -257,14 +259,9 @@ def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
     from std_srvs.srv import Trigger
 
     out = tmp_path / "bags"
-    cmd = [  # the console script `recorder_node` runs this module's main()
-        sys.executable, "-m", "omnistream_vla.ros.recorder_node", "--ros-args",
-        "-p", "topics:=['/seq']", "-p", f"output_dir:={out}", "-p", "bag_name:=killed",
-        "-p", "chunk_duration_s:=0.3", "-p", "min_free_mb:=0.0",
-    ]  # fmt: skip
     log_path = tmp_path / "recorder.log"
     log_file = log_path.open("w")
-    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
+    proc = _recorder_process(out, "killed", 0.3, log_file)
     rclpy.init()
     try:
         node = Node("seq_publisher")
@@ -293,9 +290,7 @@ def test_sigkill_mid_episode_leaves_readable_chunks(tmp_path):
             k += 1
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        executor.shutdown()
-        thread.join(timeout=5)
-        node.destroy_node()
+        stop_spinning(executor, thread, [node])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -359,24 +354,21 @@ def test_node_disk_full_reports_keeps_episode_and_retries(tmp_path):
         assert not call_trigger(stop).success  # no episode yet: a clear refusal, the node keeps running
         wait_for(lambda: instruction.get_subscription_count() > 0, what="instruction matching")
         instruction.publish(String(data="wave"))
-        wait_for(lambda: recorder.instruction == "wave", what="instruction")
+        wait_for(lambda: recorder.control.instruction == "wave", what="instruction")
         assert call_trigger(start).success
         second = call_trigger(start)
         assert not second.success and "already running" in second.message
         for k in range(6):
             pub.publish(Float32MultiArray(data=[float(k), 0.5]))
-        wait_for(lambda: recorder.recorder.buffered_messages >= 6 + 2, what="messages")
+        wait_for(lambda: recorder.control.recorder.buffered_messages >= 6 + 2, what="messages")
         reply = call_trigger(stop)
         assert not reply.success and "disk full" in reply.message and "kept for retry" in reply.message
         wait_for(lambda: any("disk full" in e for e in errors), what="diagnostics ERROR")
         assert not (tmp_path / "bags" / "full" / "metadata.yaml").exists()
         recorder.set_parameters([Parameter("min_free_mb", value=0.0)])  # space is back
         wait_for(lambda: (tmp_path / "bags" / "full" / "metadata.yaml").exists(), what="retry")
-        wait_for(lambda: recorder.recorder.last_error is None, what="recovery")
-        executor.shutdown()
-        thread.join(timeout=5)
-        recorder.destroy_node()
-        node.destroy_node()
+        wait_for(lambda: recorder.control.recorder.last_error is None, what="recovery")
+        stop_spinning(executor, thread, [recorder, node])
     finally:
         rclpy.try_shutdown()
 
@@ -404,14 +396,9 @@ def test_signal_mid_episode_writes_everything(tmp_path, sig):
     from std_srvs.srv import Trigger
 
     out = tmp_path / "bags"
-    cmd = [
-        sys.executable, "-m", "omnistream_vla.ros.recorder_node", "--ros-args",
-        "-p", "topics:=['/seq']", "-p", f"output_dir:={out}", "-p", "bag_name:=clean",
-        "-p", "chunk_duration_s:=60.0", "-p", "min_free_mb:=0.0",
-    ]  # fmt: skip
     log_path = tmp_path / "recorder.log"
     with log_path.open("w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ))
+        proc = _recorder_process(out, "clean", 60.0, log_file)
         rclpy.init()
         try:
             node = Node("seq_publisher_sigint")
@@ -437,9 +424,7 @@ def test_signal_mid_episode_writes_everything(tmp_path, sig):
             wait_for(lambda: buffered and buffered[-1] >= 50, timeout=30, what="recorder to buffer all 50")
             proc.send_signal(sig)
             assert proc.wait(timeout=20) == 0, log_path.read_text()
-            executor.shutdown()
-            thread.join(timeout=5)
-            node.destroy_node()
+            stop_spinning(executor, thread, [node])
         finally:
             if proc.poll() is None:
                 proc.kill()

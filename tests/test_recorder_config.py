@@ -14,25 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from ros_helpers import call_trigger, spin_in_thread, wait_for
+from ros_helpers import call_trigger, spin_in_thread, stop_spinning, wait_for
 
-from omnistream_vla.recording import (
-    RECORDER_PARAMETERS,
-    BagRecorder,
-    qos_profile_dict,
-    read_episode_events,
-    validate_recorder_parameter,
-)
+from omnistream_vla.recording import BagRecorder, qos_profile_dict, read_episode_events, string_cdr
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO / "ros2_ws" / "src" / "omnistream_vla" / "config" / "recorder.yaml"
-
-
-def _string_cdr(text: str) -> bytes:
-    from rosbags.typesys import Stores, get_typestore
-
-    ts = get_typestore(Stores.ROS2_KILTED)
-    return bytes(ts.serialize_cdr(ts.types["std_msgs/msg/String"](data=text), "std_msgs/msg/String"))
 
 
 def _read(bag: Path, topic: str) -> list:
@@ -55,27 +42,32 @@ def _metadata_qos(bag: Path, topic: str) -> list[dict]:
 
 
 def test_parameter_validation():
-    assert validate_recorder_parameter("chunk_max_mb", 10) == (10.0, None)  # an integer is a number too
-    assert validate_recorder_parameter("topics", "/camera/image_raw") == (["/camera/image_raw"], None)
-    assert validate_recorder_parameter("topics", ["", " /a "]) == (["/a"], None)
+    from omnistream_perception.ros.node_params import problem
+    from omnistream_vla.recorder_controller import topic_names
+    from omnistream_vla.ros.recorder_parameters import PARAMETERS
+
+    assert problem("chunk_max_mb", 10, PARAMETERS) is None  # an integer is a number too (read as 10.0)
+    assert problem("topics", "/camera/image_raw", PARAMETERS) is None
+    assert topic_names("/camera/image_raw") == ["/camera/image_raw"]
+    assert topic_names(["", " /a "]) == ["/a"]
     for name, value, words in [
         ("chunk_max_mb", math.nan, "finite"),
         ("chunk_max_mb", math.inf, "finite"),
-        ("chunk_max_mb", 0.0, "> 0"),
-        ("chunk_max_mb", "abc", "a number"),
-        ("chunk_duration_s", -1.0, "> 0"),
-        ("retry_period_s", True, "a number"),
-        ("min_free_mb", -0.5, ">= 0"),
-        ("queue_depth", -5, "between 1 and"),
-        ("queue_depth", 0, "between 1 and"),
+        ("chunk_max_mb", 0.0, "(0, inf]"),
+        ("chunk_max_mb", "abc", "a finite number"),
+        ("chunk_duration_s", -1.0, "(0, inf]"),
+        ("retry_period_s", True, "a finite number"),
+        ("min_free_mb", -0.5, "[0, inf]"),
+        ("queue_depth", -5, ">= 1 and <= 1000000"),
+        ("queue_depth", 0, ">= 1 and <= 1000000"),
         ("queue_depth", 2.5, "an integer"),
         ("record_always", "yes", "true or false"),
         ("output_dir", " ", "must not be empty"),
         ("topics", [1, 2], "list of topic names"),
     ]:
-        value, problem = validate_recorder_parameter(name, value)
-        assert value is None and problem and name in problem and words in problem, (name, problem)
-    assert {n for n, s in RECORDER_PARAMETERS.items() if s.read_only} == {"bag_name", "queue_depth"}
+        reason = problem(name, value, PARAMETERS)
+        assert reason and name in reason and words in reason, (name, reason)
+    assert {n for n, s in PARAMETERS.items() if s.read_only} == {"bag_name", "queue_depth"}
 
 
 def test_offered_qos_in_metadata_and_mcap_channels(tmp_path):
@@ -85,7 +77,7 @@ def test_offered_qos_in_metadata_and_mcap_channels(tmp_path):
     latched = qos_profile_dict(history=1, depth=1, reliability=1, durability=1)
     rec = BagRecorder(tmp_path, bag_name="q", min_free_bytes=0)
     rec.add_topic("/instruction", "std_msgs/msg/String", [latched])
-    rec.add("/instruction", 5, _string_cdr("stack the cups"))
+    rec.add("/instruction", 5, string_cdr("stack the cups"))
     rec.flush()
     (profile,) = _metadata_qos(tmp_path / "q", "/instruction")
     assert profile["durability"] == 1 and profile["reliability"] == 1 and profile["depth"] == 1
@@ -101,7 +93,7 @@ def test_close_is_idempotent(tmp_path):
     rec.add_topic("/x", "std_msgs/msg/String")
     rec.start_episode("wave", 1)
     for k in range(3):
-        rec.add("/x", 2 + k, _string_cdr(str(k)))
+        rec.add("/x", 2 + k, string_cdr(str(k)))
     assert rec.close(10) is not None
     assert rec.close(11) is None and rec.close(12) is None  # nothing left to stop or write
     assert [m.data for m in _read(tmp_path / "c", "/x")] == ["0", "1", "2"]
@@ -132,6 +124,13 @@ def _recorder(tmp_path, **params):
     return RecorderNode(parameter_overrides=overrides, **({"namespace": namespace} if namespace else {}))
 
 
+def _close(recorder, *nodes) -> None:
+    """Stop the recorder (writing its buffer), then destroy it and ``nodes``."""
+    recorder.shutdown()
+    for node in (recorder, *nodes):
+        node.destroy_node()
+
+
 @pytest.mark.ros
 def test_latched_instruction_published_before_start_is_recorded_with_its_qos(tmp_path, ros):
     """A transient-local instruction published before the recorder exists: the episode carries it, the bag has
@@ -157,8 +156,8 @@ def test_latched_instruction_published_before_start_is_recorded_with_its_qos(tmp
     start, stop = (pub_node.create_client(Trigger, f"/recorder_node/{n}") for n in ("start", "stop"))
     executor, thread = spin_in_thread([recorder, pub_node])
     try:
-        wait_for(lambda: recorder.instruction == task, what="the latched instruction")
-        assert recorder._sub_qos["/instruction"] == (True, True)  # reliable, transient local
+        wait_for(lambda: recorder.control.instruction == task, what="the latched instruction")
+        assert recorder.control.sub_qos["/instruction"] == (True, True)  # reliable, transient local
         wait_for(lambda: image_pub.get_subscription_count() and action_pub.get_subscription_count(), what="matching")
         reply = call_trigger(start)
         assert reply.success and task in reply.message
@@ -171,13 +170,10 @@ def test_latched_instruction_published_before_start_is_recorded_with_its_qos(tmp
             img.header.stamp = Time(nanoseconds=stamp).to_msg()
             image_pub.publish(img)
             action_pub.publish(Float32MultiArray(data=[float(k)]))
-        wait_for(lambda: recorder.recorder.buffered_messages >= 12 + 2, what="messages")
+        wait_for(lambda: recorder.control.recorder.buffered_messages >= 12 + 2, what="messages")
         assert call_trigger(stop).success
     finally:
-        executor.shutdown()
-        thread.join(timeout=5)
-        recorder.destroy_node()
-        pub_node.destroy_node()
+        stop_spinning(executor, thread, [recorder, pub_node])
 
     bag = tmp_path / "bags" / "b"
     assert [m.data for m in _read(bag, "/instruction")] == [task]
@@ -201,7 +197,7 @@ def test_relative_topic_names_resolve_in_the_node_namespace(tmp_path, ros):
     recorder = _recorder(
         tmp_path, namespace="/robot1", topics=["joint_cmd"], instruction_topic="instruction", record_always=True
     )
-    assert recorder.wanted == ["/robot1/joint_cmd", "/robot1/instruction"]
+    assert recorder.control.wanted == ["/robot1/joint_cmd", "/robot1/instruction"]
     node = Node("robot1_publishers")
     pub = node.create_publisher(Float32MultiArray, "/robot1/joint_cmd", 100)
     instruction = node.create_publisher(String, "/robot1/instruction", 10)
@@ -211,14 +207,11 @@ def test_relative_topic_names_resolve_in_the_node_namespace(tmp_path, ros):
         instruction.publish(String(data="wave"))
         for k in range(5):
             pub.publish(Float32MultiArray(data=[float(k)]))
-        wait_for(lambda: recorder.recorder.buffered_messages >= 6, what="messages")
-        assert recorder.instruction == "wave"
+        wait_for(lambda: recorder.control.recorder.buffered_messages >= 6, what="messages")
+        assert recorder.control.instruction == "wave"
     finally:
-        executor.shutdown()
-        thread.join(timeout=5)
-    recorder.shutdown()
-    recorder.destroy_node()
-    node.destroy_node()
+        stop_spinning(executor, thread)
+    _close(recorder, node)
     assert [m.data.tolist() for m in _read(tmp_path / "bags" / "b", "/robot1/joint_cmd")] == [[k] for k in range(5)]
 
 
@@ -248,30 +241,43 @@ def test_runtime_parameters_are_applied_or_refused(tmp_path, ros):
             (result,) = recorder.set_parameters([Parameter(name, value=value)])
             assert not result.successful and result.reason, (name, value)
         assert recorder.get_parameter("chunk_max_mb").value == 256.0 and recorder.get_parameter("queue_depth").value
-        assert recorder.wanted == ["/a"] and recorder.recorder.chunk_max_bytes == int(256e6)
+        assert recorder.control.wanted == ["/a"] and recorder.control.recorder.chunk_max_bytes == int(256e6)
         # Applied: the topic set changes (the old subscription goes), a small chunk size closes chunks at once.
         (result,) = recorder.set_parameters([Parameter("topics", value=["/b"])])
         assert result.successful
         wait_for(lambda: pub_b.get_subscription_count() > 0, what="/b subscribed")
         wait_for(lambda: pub_a.get_subscription_count() == 0, what="/a unsubscribed")
         (result,) = recorder.set_parameters([Parameter("chunk_max_mb", value=1e-4)])  # 100 bytes
-        assert result.successful and recorder.recorder.chunk_max_bytes == 100
+        assert result.successful and recorder.control.recorder.chunk_max_bytes == 100
         for k in range(5):
             pub_a.publish(String(data=f"a{k}"))
             pub_b.publish(String(data=f"b{k}" + "-" * 60))  # 5 x ~70 bytes: past 100 bytes
         meta = tmp_path / "bags" / "b" / "metadata.yaml"
         wait_for(meta.is_file, what="a chunk closed by size (chunk_duration_s is 600 s)")
         (result,) = recorder.set_parameters([Parameter("instruction_topic", value="task")])
-        assert result.successful and recorder.instruction_topic == "/task" and recorder.wanted == ["/b", "/task"]
+        assert (
+            result.successful
+            and recorder.control.instruction_topic == "/task"
+            and recorder.control.wanted == ["/b", "/task"]
+        )
     finally:
-        executor.shutdown()
-        thread.join(timeout=5)
-    recorder.shutdown()
-    recorder.destroy_node()
-    node.destroy_node()
+        stop_spinning(executor, thread)
+    _close(recorder, node)
     bag = tmp_path / "bags" / "b"
     assert [m.data for m in _read(bag, "/b")] == [f"b{k}" + "-" * 60 for k in range(5)]
     assert _read(bag, "/a") == []
+
+
+@pytest.mark.ros
+def test_one_topic_given_as_a_string(tmp_path, ros):
+    """`topics: /camera/image_raw` (a string, not a list) names one topic, at start and when changed."""
+    from rclpy.parameter import Parameter
+
+    recorder = _recorder(tmp_path, topics="/a", instruction_topic="")
+    assert recorder.control.wanted == ["/a"]
+    (result,) = recorder.set_parameters([Parameter("topics", value="b")])
+    assert result.successful and recorder.control.wanted == ["/b"]
+    recorder.destroy_node()
 
 
 @pytest.mark.ros
@@ -288,20 +294,19 @@ def test_publisher_with_weaker_qos_appearing_later_is_heard(tmp_path, ros):
     first = node.create_publisher(String, "/x", latched)
     executor, thread = spin_in_thread([recorder, node])
     try:
-        wait_for(lambda: recorder._sub_qos.get("/x") == (True, True), what="reliable transient-local subscription")
+        wait_for(
+            lambda: recorder.control.sub_qos.get("/x") == (True, True), what="reliable transient-local subscription"
+        )
         first.publish(String(data="latched"))
-        wait_for(lambda: recorder.recorder.buffered_messages >= 1, what="the first message")
+        wait_for(lambda: recorder.control.recorder.buffered_messages >= 1, what="the first message")
         second = node.create_publisher(String, "/x", QoSProfile(depth=10, reliability=ReliabilityPolicy.BEST_EFFORT))
-        wait_for(lambda: recorder._sub_qos.get("/x") == (False, False), what="subscribed again")
+        wait_for(lambda: recorder.control.sub_qos.get("/x") == (False, False), what="subscribed again")
         wait_for(lambda: second.get_subscription_count() > 0, what="the best-effort publisher matched")
         second.publish(String(data="best effort"))
-        wait_for(lambda: recorder.recorder.buffered_messages >= 2, what="the second message")
+        wait_for(lambda: recorder.control.recorder.buffered_messages >= 2, what="the second message")
     finally:
-        executor.shutdown()
-        thread.join(timeout=5)
-    recorder.shutdown()
-    recorder.destroy_node()
-    node.destroy_node()
+        stop_spinning(executor, thread)
+    _close(recorder, node)
     bag = tmp_path / "bags" / "b"
     assert [m.data for m in _read(bag, "/x")] == ["latched", "best effort"]
     assert sorted(p["reliability"] for p in _metadata_qos(bag, "/x")) == [1, 2]
@@ -318,7 +323,7 @@ def _run(args: list[str], tmp_path: Path, **kwargs) -> subprocess.Popen:
 @pytest.mark.ros
 @pytest.mark.parametrize(
     "param, words",
-    [("queue_depth:=-5", "queue_depth must be between 1"), ("chunk_max_mb:=.nan", "chunk_max_mb must be finite"),
+    [("queue_depth:=-5", "queue_depth must be >= 1"), ("chunk_max_mb:=.nan", "chunk_max_mb must be a finite number"),
      ("topics:=['bad name!']", "invalid topic name 'bad name!'")],
 )  # fmt: skip
 def test_bad_start_parameter_is_one_fatal_line_and_exit_2(tmp_path, param, words):

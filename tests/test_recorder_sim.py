@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from ros_helpers import call_trigger, spin_in_thread, wait_for
+from ros_helpers import call_trigger, spin_in_thread, stop_spinning, wait_for
 
 FPS = 20
 PERIOD_NS = 1_000_000_000 // FPS
@@ -62,7 +62,7 @@ def sim_session(tmp_path_factory):
                 obs = env.reset(seed=seed, task=task)
                 expert.reset()
                 instruction_pub.publish(String(data=env.instruction))
-                wait_for(lambda env=env: recorder.instruction == env.instruction, what="instruction")
+                wait_for(lambda env=env: recorder.control.instruction == env.instruction, what="instruction")
                 assert call_trigger(clients["start"]).success
                 base = sim.get_clock().now().nanoseconds + 20_000_000
                 success = False
@@ -95,16 +95,13 @@ def sim_session(tmp_path_factory):
                     )
                     obs, success, _, _ = env.step(action)
                 wait_for(
-                    lambda: recorder.recorder.buffered_messages >= 4 * STEPS + 2, what="messages"
+                    lambda: recorder.control.recorder.buffered_messages >= 4 * STEPS + 2, what="messages"
                 )  # + instruction, start
                 if success:
                     assert call_trigger(clients["mark_success"]).success
                 reply = call_trigger(clients["stop"])
                 assert reply.success, reply.message
-        executor.shutdown()
-        thread.join(timeout=5)
-        recorder.destroy_node()
-        sim.destroy_node()
+        stop_spinning(executor, thread, [recorder, sim])
     finally:
         rclpy.try_shutdown()
     return out / "tabletop", published

@@ -9,7 +9,7 @@ import pytest
 
 from omnistream_cli.policies import make_policy
 from omnistream_sim.policies import RandomPolicy
-from omnistream_sim.policy import Policy
+from omnistream_sim.policy_protocol import Policy
 from omnistream_sim.report import build_results, load_results, merge_results, summarize_records, write_results
 from omnistream_sim.rollout import run_episode
 

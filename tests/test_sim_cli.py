@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from omnistream_cli.commands.sim import shard_range
 from omnistream_cli.main import main
+from omnistream_sim.report import shard_range
 
 pytest.importorskip("pybullet", reason="pybullet is not installed")
 
@@ -59,7 +59,7 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, argv, message):
 def test_shard_ranges_cover_everything_once():
     for total in (1, 5, 30, 1000):
         for count in (1, 3, 7):
-            ranges = [shard_range(total, i, count) for i in range(count)]
+            ranges = [shard_range(total, (i, count)) for i in range(count)]
             covered = [x for start, stop in ranges for x in range(start, stop)]
             assert covered == list(range(total))
 

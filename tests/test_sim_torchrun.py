@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_torchrun
 
 from omnistream_cli.main import main
 
@@ -20,21 +17,10 @@ def _records(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in results["records"]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_give_the_per_episode_results_of_one_process(tmp_path):
     argv = ["sim", "eval", "--env", "tabletop", "--policy", "scripted", "--episodes", "5", "--videos", "0", "--quiet"]
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    omnistream = shutil.which("omnistream") or str(Path(sys.executable).with_name("omnistream"))
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), omnistream, *argv,
-           "--out", str(tmp_path / "two")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun(*argv, "--out", str(tmp_path / "two"), timeout=300)
     one, two = _records(tmp_path / "one"), _records(tmp_path / "two")
     assert [r["episode"] for r in two] == [0, 1, 2, 3, 4]
     assert two == one

@@ -8,15 +8,11 @@ objectives' KoLeo term is a per-micro-batch statistic and their crops are drawn 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun
 
 from omnistream_cli.main import main
 from omnistream_train.metrics import read_metrics
@@ -24,22 +20,6 @@ from omnistream_train.metrics import read_metrics
 GEOMETRY = ["--no-ssl-images", "--no-ssl-videos", "--no-captioning", "--no-gram"]
 FAST = ["--threads", "1", "--no-progress", "--set", "stages=[[0,32]]"]
 STEPS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    return shutil.which(name) or str(Path(sys.executable).with_name(name))
-
-
-def _torchrun(*argv: str) -> None:
-    cmd = [_bin("torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()), _bin("omnistream"), *argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 def _pretrain_argv(out: Path, *extra: str) -> list[str]:
@@ -63,7 +43,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("fsdp")
     single, sharded = root / "single", root / "fsdp"
     assert main(_pretrain_argv(single)) == 0
-    _torchrun(*_pretrain_argv(sharded, "--fsdp"))
+    run_torchrun(*_pretrain_argv(sharded, "--fsdp"), timeout=300)
     return {"single": single, "fsdp": sharded, "root": root}
 
 
@@ -110,7 +90,7 @@ def test_fsdp_resume_from_step_10_repeats_steps_11_to_20_exactly(runs):
     full = runs["fsdp"]
     resumed = runs["root"] / "fsdp_resumed"
     assert (full / "checkpoints" / "step-000010" / "shards" / ".metadata").is_file()
-    _torchrun(*_pretrain_argv(resumed, "--fsdp", "--resume", str(full / "checkpoints" / "step-000010")))
+    run_torchrun(*_pretrain_argv(resumed, "--fsdp", "--resume", str(full / "checkpoints" / "step-000010")), timeout=300)
     rows = read_metrics(full / "metrics.jsonl")
     again = read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in again] == list(range(11, STEPS + 1))
@@ -157,7 +137,7 @@ def test_heads_probe_fsdp_shards_the_frozen_backbone(runs, tmp_path):
     common = ["train", "heads", "--checkpoint", str(runs["single"] / "backbone"), "--preset", "debug",
               "--batch-size", "4", "--threads", "1", "--no-progress"]  # fmt: skip
     assert main([*common, "--out", str(single_out), "--save-to", str(tmp_path / "s1")]) == 0
-    _torchrun(*common, "--out", str(sharded_out), "--save-to", str(tmp_path / "s2"), "--fsdp")
+    run_torchrun(*common, "--out", str(sharded_out), "--save-to", str(tmp_path / "s2"), "--fsdp", timeout=300)
     one = json.loads((single_out / "summary.json").read_text())["per_rank_state_bytes_detail"][0]
     for rank in json.loads((sharded_out / "summary.json").read_text())["per_rank_state_bytes_detail"]:
         for key in ("parameters", "gradients", "optimizer"):
@@ -170,7 +150,10 @@ def test_heads_probe_fsdp_shards_the_frozen_backbone(runs, tmp_path):
 
 def test_activation_checkpointing_recomputes_the_same_losses(runs):
     out = runs["root"] / "checkpointed"
-    _torchrun(*_pretrain_argv(out, "--fsdp", "--activation-checkpointing", "--max-steps", "5", "--save-every", "0"))
+    run_torchrun(
+        *_pretrain_argv(out, "--fsdp", "--activation-checkpointing", "--max-steps", "5", "--save-every", "0"),
+        timeout=300,
+    )
     again = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
     assert again == pytest.approx(_losses(runs["fsdp"])[:5], rel=1e-6)
 
@@ -179,9 +162,9 @@ def test_every_objective_shards_and_resumes_exactly(tmp_path):
     """SSL (EMA teacher, Gram teacher, a mask token some ranks leave unused), geometry and captioning under FSDP."""
     argv = ["train", "pretrain", "--preset", "debug", "--max-steps", "4", "--save-every", "2", "--batch-size", "4",
             "--fsdp", *FAST]  # fmt: skip
-    _torchrun(*argv, "--out", str(tmp_path / "full"))
+    run_torchrun(*argv, "--out", str(tmp_path / "full"), timeout=300)
     step2 = tmp_path / "full" / "checkpoints" / "step-000002"
-    _torchrun(*argv, "--out", str(tmp_path / "resumed"), "--resume", str(step2))
+    run_torchrun(*argv, "--out", str(tmp_path / "resumed"), "--resume", str(step2), timeout=300)
     rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert all(r[k] is not None for r in rows for k in ("ssl", "geo", "cap"))
     assert read_metrics(tmp_path / "resumed" / "metrics.jsonl") == rows[2:]

@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_torchrun
 
 from omnistream_cli.main import main
 from omnistream_train.vla import action_chunks, action_statistics, load_episodes
@@ -129,26 +130,9 @@ def test_calvin_and_lerobot_formats_load(tmp_path):
 
 @pytest.mark.slow
 def test_vla_under_torchrun_ranks_agree_and_resume_is_exact(demos, tmp_path):
-    import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     def run(out, *extra):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-        omnistream = shutil.which("omnistream") or str(Path(sys.executable).with_name("omnistream"))
-        cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(port), omnistream, "train", "vla", "--preset",
-               "debug", "--dataset", str(demos), "--out", str(out), "--threads", "1", "--no-progress",
-               "--max-steps", "40", "--save-every", "20", *extra]  # fmt: skip
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
-        )
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run_torchrun("train", "vla", "--preset", "debug", "--dataset", str(demos), "--out", str(out), "--threads", "1",
+                     "--no-progress", "--max-steps", "40", "--save-every", "20", *extra)  # fmt: skip
 
     run(tmp_path / "full")
     run(tmp_path / "resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step-000020"))

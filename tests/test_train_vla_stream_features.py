@@ -7,7 +7,7 @@ import torch
 
 from omnistream_perception.model import OmniStreamModel
 from omnistream_perception.perception import PerceptionConfig, PerceptionSession
-from omnistream_train.vla import EpisodeData, VLATrainConfig, build_policy, cache_features, stream_features
+from omnistream_train.vla import EpisodeData, VLATrainConfig, build_policy, cache_features, streamed_patch_tokens
 
 
 def test_streamed_features_equal_the_perception_session_and_carry_history(tmp_path):
@@ -30,7 +30,7 @@ def test_streamed_features_equal_the_perception_session_and_carry_history(tmp_pa
     config = VLATrainConfig.from_preset("debug", backbone=str(tmp_path), policy_overrides={"image_size": 64})
     stats = {k: np.zeros(7, np.float32) for k in ("min", "max", "mean", "std", "q01", "q99")}
     policy = build_policy(config, stats, torch.device("cpu"), bounds=(-1.0, 1.0))
-    streamed = stream_features(policy, episodes, ["static"], str(tmp_path), progress=False)["static"]
+    streamed = streamed_patch_tokens(policy, episodes, ["static"], str(tmp_path), progress=False)["static"]
     assert streamed.shape[0] == 8
 
     session = PerceptionSession.from_config(
@@ -70,7 +70,7 @@ def test_in_process_evaluation_streams_the_features_the_policy_was_trained_on(tm
     stats = {k: np.zeros(7, np.float32) for k in ("min", "max", "mean", "std", "q01", "q99")}
     policy = build_policy(config, stats, torch.device("cpu"), bounds=(-1.0, 1.0))
     assert policy.config.features == "stream" and policy.config.camera_token is False  # no heads in the backbone
-    trained_on = stream_features(policy, [episode], ["static"], str(backbone), progress=False)["static"]
+    trained_on = streamed_patch_tokens(policy, [episode], ["static"], str(backbone), progress=False)["static"]
     policy.save_pretrained(tmp_path / "policy")
 
     evaluated = VLACheckpointPolicy(tmp_path / "policy")

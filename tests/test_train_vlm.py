@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_torchrun
 from safetensors.torch import load_file
 
 from omnistream_cli.main import main
@@ -200,22 +201,8 @@ def test_vlm_stage_alone_answers_grounding_questions_on_held_out_scenes(tmp_path
 
 @pytest.mark.slow
 def test_train_vlm_under_torchrun_ranks_agree(demos, tmp_path):
-    import os
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    omnistream = shutil.which("omnistream") or str(Path(sys.executable).with_name("omnistream"))
-    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(port), omnistream, "train", "vlm", "--preset",
-           "debug", "--dataset", str(demos), "--out", str(tmp_path), "--threads", "1", "--no-progress", *STEPS]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_torchrun("train", "vlm", "--preset", "debug", "--dataset", str(demos), "--out", str(tmp_path), "--threads", "1",
+                 "--no-progress", *STEPS)  # fmt: skip
     digests = json.loads((tmp_path / "rank_weights_sha256.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
     assert (tmp_path / "vlm" / "llm" / "model.safetensors").is_file()

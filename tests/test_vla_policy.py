@@ -267,4 +267,5 @@ def test_auxiliary_target_adds_a_loss_trains_its_head_and_is_not_saved(tmp_path)
     from safetensors.torch import load_file
 
     assert not any(k.startswith("target_head") for k in load_file(str(tmp_path / "policy.safetensors")))
-    OmniStreamVLAPolicy.from_pretrained(tmp_path)  # loads without the training-only head's weights
+    loaded = OmniStreamVLAPolicy.from_pretrained(tmp_path)  # loads without the training-only head's weights
+    assert loaded.target_head is None  # not rebuilt at random: a loaded policy acts without it

@@ -14,7 +14,8 @@ from typing import Any
 from .captioning import CaptionerConfig
 
 
-def _apply(config, overrides: dict[str, Any]):
+def apply_overrides(config, overrides: dict[str, Any]):
+    """Set the fields named in ``overrides`` (None = keep the preset's); a name that is no field is a ValueError."""
     names = {f.name for f in dataclasses.fields(config)}
     for key, value in overrides.items():
         if value is None:
@@ -134,7 +135,7 @@ class PretrainConfig:
         }
         if name not in presets:
             raise ValueError(f"unknown pretraining preset {name!r}; choose one of {sorted(presets)}")
-        return _apply(cls(**presets[name]), overrides)
+        return apply_overrides(cls(**presets[name]), overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -243,7 +244,7 @@ class VLMTrainConfig:
         }  # fmt: skip
         if name not in presets:
             raise ValueError(f"unknown VLM preset {name!r}; choose one of {sorted(presets)}")
-        config = _apply(cls(**presets[name]), overrides)
+        config = apply_overrides(cls(**presets[name]), overrides)
         config.validate()
         return config
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from omnistream_perception.camera_model import rescale_intrinsics  # the one convention; re-exported
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".avi", ".webm", ".mov")
 TABLETOP_FAR = 3.0  # omnistream_sim.tabletop.cameras.CameraSpec.far: depth of pixels that hit nothing
@@ -161,16 +163,6 @@ def resize_geometry(rgb, depth, intrinsics, size: int):
     k[:, 1, 2] -= top
     crop = (slice(None), slice(top, top + size), slice(left, left + size))
     return rgb[:, :, top : top + size, left : left + size], depth[crop], k
-
-
-def rescale_intrinsics(intrinsics: torch.Tensor, scale_x: float, scale_y: float) -> torch.Tensor:
-    """(..., 3, 3) OpenCV intrinsics of an image resized by (scale_x, scale_y)."""
-    k = intrinsics.clone().float()
-    k[..., 0, 0] *= scale_x
-    k[..., 1, 1] *= scale_y
-    k[..., 0, 2] = (k[..., 0, 2] + 0.5) * scale_x - 0.5
-    k[..., 1, 2] = (k[..., 1, 2] + 0.5) * scale_y - 0.5
-    return k
 
 
 class GeometryFolder:

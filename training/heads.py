@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .config import PretrainConfig
+from .config import PretrainConfig, apply_overrides
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "debug": dict(heads_size="tiny", stages=[[0, 32]], clip_frames=3, batch_geometry=2, lr=1e-3, warmup_steps=2, max_steps=20, synthetic_sequences=8, save_every=10),
@@ -35,13 +35,7 @@ def heads_config(preset: str, checkpoint: str | Path, **overrides) -> PretrainCo
         grad_clip=1.0,
     )
     base.update(_PRESETS[preset])
-    config = PretrainConfig(**base)
-    for key, value in overrides.items():
-        if value is not None:
-            if not hasattr(config, key):
-                raise ValueError(f"PretrainConfig has no field {key!r}")
-            setattr(config, key, value)
-    return config
+    return apply_overrides(PretrainConfig(**base), overrides)
 
 
 def run_head_probing(

@@ -29,7 +29,7 @@ from omnistream_perception.features_codec import batch_key
 from omnistream_vla.action_convention import convention_for_dataset
 
 from .checkpoint import resume_checkpoint, save_checkpoint
-from .config import _apply, warmup_cosine
+from .config import apply_overrides, warmup_cosine
 from .data import sample_indices
 from .distributed import (
     DistributedContext,
@@ -111,7 +111,7 @@ class VLATrainConfig:
         }  # fmt: skip
         if name not in presets:
             raise ValueError(f"unknown VLA preset {name!r}; choose one of {sorted(presets)}")
-        return _apply(cls(**presets[name]), overrides)
+        return apply_overrides(cls(**presets[name]), overrides)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def cache_features(
     return {cam: torch.cat(v) for cam, v in out.items()}
 
 
-def stream_features(
+def streamed_patch_tokens(
     policy, episodes: list[EpisodeData], cameras: list[str], backbone: str | None, progress: bool
 ) -> dict[str, torch.Tensor]:
     """Pooled patch tokens of every frame, per camera, streamed per episode as perception_node computes them."""
@@ -375,7 +375,7 @@ def stream_features(
 
     if backbone is None or not Path(backbone).is_dir():
         raise ValueError("features='stream' needs the backbone as a checkpoint directory (--backbone DIR)")
-    # the node's settings for this policy (see omnistream_sim.policies.RosPolicy): resize to the policy's image
+    # the node's settings for this policy (see omnistream_cli.policies.RosPolicy): resize to the policy's image
     # size, its pooling, float32 tokens, the whole episode in the cache
     session = PerceptionSession.from_config(PerceptionConfig(**policy.config.perception_settings(str(backbone))))
     total = sum(len(e.actions) for e in episodes)
@@ -393,6 +393,16 @@ def stream_features(
                 bar.update(1)
     bar.close()
     return {cam: torch.cat(v) for cam, v in out.items()}
+
+
+def frozen_features(policy, episodes: list[EpisodeData], config, show: bool) -> dict[str, torch.Tensor]:
+    """The frozen backbone's tokens of every frame as ``config.features`` says (VLA and VLM configs alike):
+    ``frame`` (each frame alone, batched) or ``stream`` (per episode, as perception_node computes them)."""
+    if config.features == "stream":
+        return streamed_patch_tokens(policy, episodes, config.cameras, config.backbone, show)
+    if config.features == "frame":
+        return cache_features(policy, episodes, config.cameras, config.feature_batch, show)
+    raise ValueError(f"features must be 'frame' or 'stream', got {config.features!r}")
 
 
 @torch.no_grad()
@@ -447,12 +457,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     targets_t = auxiliary_targets(config, episodes)
     chunk = policy.config.chunk_size
     show = progress and ctx.is_main
-    if config.features == "stream":
-        features = stream_features(policy, episodes, config.cameras, config.backbone, show)
-    elif config.features == "frame":
-        features = cache_features(policy, episodes, config.cameras, config.feature_batch, show)
-    else:
-        raise ValueError(f"features must be 'frame' or 'stream', got {config.features!r}")
+    features = frozen_features(policy, episodes, config, show)
     chunks, pads, tasks = [], [], []
     for e in episodes:
         a, p = action_chunks(e.actions, chunk)

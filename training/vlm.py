@@ -5,7 +5,7 @@
      <|im_start|>assistant\\n answer <|im_end|>]  ->  language-modelling loss on the answer tokens only
 
 The projector, LLM and tokenizer are built by the VLA's own code (``omnistream_train.vla.build_policy`` on the
-same preset), and the frozen features come from the VLA's feature pass (``cache_features`` / ``stream_features``),
+same preset), and the frozen features come from the VLA's feature pass (``frozen_features``),
 so a VLM output plugs into ``train vla --init-vlm`` of the same preset. LLaVA's two stages:
 
 * stage 1 (feature alignment): only the projector trains (``stage1_lr``); the LLM is frozen;
@@ -291,26 +291,16 @@ def _hub_ids() -> set[str]:
 # ------------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------------
-def _features(policy, episodes, config: VLMTrainConfig, show: bool) -> dict[str, torch.Tensor]:
-    from .vla import cache_features, stream_features
-
-    if config.features == "stream":
-        return stream_features(policy, episodes, config.cameras, config.backbone, show)
-    if config.features == "frame":
-        return cache_features(policy, episodes, config.cameras, config.feature_batch, show)
-    raise ValueError(f"features must be 'frame' or 'stream', got {config.features!r}")
-
-
 def load_sources(policy, config: VLMTrainConfig, datasets: list, captions: list, show: bool):
     """Cached features of every source (concatenated per camera) and the samples pointing into them."""
-    from .vla import load_episodes
+    from .vla import frozen_features, load_episodes
 
     features: dict[str, list[torch.Tensor]] = {cam: [] for cam in config.cameras}
     samples: list[VLMSample] = []
     offset = 0
 
     def add(episodes) -> None:
-        for cam, tensor in _features(policy, episodes, config, show).items():
+        for cam, tensor in frozen_features(policy, episodes, config, show).items():
             features[cam].append(tensor)
 
     for root in datasets:

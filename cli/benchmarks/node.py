@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from omnistream_cli.errors import user_errors
+
 from .report import write_json_report
 
 OVERHEAD_BUDGET_MS = 10.0  # the bound on node overhead per frame at 640x480
@@ -391,10 +393,8 @@ def run_node_benchmark(args) -> int:
 
     from omnistream_cli.errors import UserError
 
-    try:
+    with user_errors(ValueError):
         size = parse_image_size(args.image_size)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
     for name in ("frames", "stream_frames"):
         if getattr(args, name) < (1 if name == "frames" else 0):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -441,7 +441,7 @@ def _run(args, size: tuple[int, int], device: str, console) -> int:
             f"[bold]bench node[/] {label} at {size[0]}x{size[1]} on {device} ({args.dtype}); "
             f"{args.frames} timed frames, then {args.stream_frames} frames at {args.rate:g} Hz"
         )
-        try:
+        with user_errors(FileNotFoundError):
             report = benchmark_node(
                 checkpoint,
                 size,
@@ -455,8 +455,6 @@ def _run(args, size: tuple[int, int], device: str, console) -> int:
                 extra_model_ms=args.extra_model_ms,
                 null_frames=args.null_frames,
             )
-        except FileNotFoundError as exc:
-            raise UserError(str(exc)) from exc
     report["checkpoint"] = label
     _print_tables(console, report)
     write_json_report(report, args.json_path, console)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from omnistream_cli.errors import user_errors
+
 from .report import device_label, write_json_report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -153,11 +155,8 @@ def run_vla_benchmark(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     console = Console()
     label = args.checkpoint or args.preset
-    try:
-        with console.status(f"building the {label} policy"):
-            policy = build_bench_policy(args.preset, args.checkpoint, device, args.dtype, args.images)
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
+    with user_errors(ValueError), console.status(f"building the {label} policy"):
+        policy = build_bench_policy(args.preset, args.checkpoint, device, args.dtype, args.images)
     console.print(
         f"[bold]bench vla[/] policy={label} device={device} dtype={args.dtype} threads={torch.get_num_threads()}"
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from omnistream_cli.errors import user_errors
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -111,10 +113,8 @@ def _bringup(args: argparse.Namespace) -> int:
     from omnistream_perception.ros.bringup import create_nodes, default_launch_file, load_launch_file, spin_nodes
 
     launch_file = Path(args.launch) if args.launch else default_launch_file(args.with_vla)
-    try:
+    with user_errors():
         declarations = load_launch_file(launch_file, launch_arguments)
-    except (FileNotFoundError, ValueError) as exc:
-        raise UserError(str(exc)) from exc
     unknown = set(overrides) - {d.name for d in declarations}
     if unknown:
         raise UserError(f"--set names unknown node(s) {sorted(unknown)}; {launch_file.name} declares "

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from omnistream_cli.errors import UserError, user_errors
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="datasets: rosbag/CALVIN -> LeRobot v3.0, info, view")
@@ -81,16 +83,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_view)
 
 
-def _user_error(exc: Exception):
-    from omnistream_cli.errors import UserError
-
-    return UserError(str(exc))
-
-
 def _bag_to_lerobot(args: argparse.Namespace) -> int:
     from omnistream_train.bag_to_lerobot import BagConversionConfig, convert_bags
 
-    try:
+    with user_errors(ValueError, FileExistsError, FileNotFoundError):
         cfg = BagConversionConfig(
             camera_topics=[t.strip() for t in args.camera_topics.split(",") if t.strip()],
             camera_names=[n.strip() for n in args.camera_names.split(",")] if args.camera_names else None,
@@ -107,8 +103,6 @@ def _bag_to_lerobot(args: argparse.Namespace) -> int:
             split_on_instruction=not args.no_instruction_split,
         )
         summary = convert_bags([Path(b) for b in args.bags], Path(args.out), cfg, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        raise _user_error(exc) from exc
     for ep in summary["episode_details"]:
         print(
             f"episode {ep['episode_index']}: {ep['frames']} frames, {ep['dropped_images']} images dropped, "
@@ -127,7 +121,7 @@ def _bag_to_lerobot(args: argparse.Namespace) -> int:
 def _calvin_to_lerobot(args: argparse.Namespace) -> int:
     from omnistream_train.calvin_to_lerobot import CalvinConversionConfig, convert_calvin
 
-    try:
+    with user_errors(ValueError, FileExistsError, FileNotFoundError):
         cfg = CalvinConversionConfig(
             cameras=tuple(c.strip() for c in args.cameras.split(",") if c.strip()),
             action_key=args.action,
@@ -137,8 +131,6 @@ def _calvin_to_lerobot(args: argparse.Namespace) -> int:
             max_episodes=args.max_episodes,
         )
         summary = convert_calvin(Path(args.split_dir), Path(args.out), cfg, overwrite=args.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
-        raise _user_error(exc) from exc
     print(
         f"wrote {summary['episodes']} episodes, {summary['frames']} frames at {summary['fps']} fps to {summary['out']}"
     )
@@ -148,10 +140,8 @@ def _calvin_to_lerobot(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from omnistream_train.lerobot_dataset import summarize
 
-    try:
+    with user_errors():
         summary = summarize(Path(args.root))
-    except (ValueError, FileNotFoundError) as exc:
-        raise _user_error(exc) from exc
     if args.as_json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -181,15 +171,13 @@ def _info(args: argparse.Namespace) -> int:
 def _view(args: argparse.Namespace) -> int:
     from omnistream_train.lerobot_dataset import LeRobotDataset
 
-    try:
+    with user_errors():
         ds = LeRobotDataset(Path(args.root), episodes=[args.episode], image_format="uint8_hwc")
-    except (ValueError, FileNotFoundError) as exc:
-        raise _user_error(exc) from exc
     if args.rerun is not None:
         from omnistream_perception.visualization import RerunLog, log_dataset_episode
 
         if not args.rerun.endswith(".rrd"):
-            raise _user_error(ValueError(f"--rerun must name an .rrd file, got {args.rerun}"))
+            raise UserError(f"--rerun must name an .rrd file, got {args.rerun}")
         with RerunLog("omnistream_dataset", save=args.rerun) as log:
             frames = log_dataset_episode(log, ds, args.episode)
         print(f"wrote {args.rerun} ({frames} frames of episode {args.episode})")
@@ -197,7 +185,7 @@ def _view(args: argparse.Namespace) -> int:
             return 0
     out = Path(args.out or f"episode_{args.episode}.png")
     if out.suffix.lower() not in (".png", ".mp4"):
-        raise _user_error(ValueError(f"--out must end in .png or .mp4, got {out.name}"))
+        raise UserError(f"--out must end in .png or .mp4, got {out.name}")
     render_episode(ds, args.episode, out, num_frames=args.frames)
     print(f"wrote {out}")
     return 0

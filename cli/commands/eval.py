@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from omnistream_cli.errors import user_errors
+
 DATASETS = ("tabletop", "sintel", "bonn", "kitti", "tum", "scannet")
 
 
@@ -96,10 +98,8 @@ def _depth(args: argparse.Namespace) -> int:
         clip = max_depth if protocol.clip_max is not None else None
     if max_depth is not None and max_depth <= 0:
         raise UserError(f"--max-depth must be > 0 metres, got {max_depth}")
-    try:
+    with user_errors():
         results = evaluate_depth_dirs(args.pred, args.gt, args.align, max_depth, clip, out_dir=args.out)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     _print_summary(results, Path(args.out) / "report.md")
     return 0
 
@@ -110,10 +110,8 @@ def _pose(args: argparse.Namespace) -> int:
 
     if args.max_time_diff < 0:
         raise UserError(f"--max-time-diff must be >= 0 seconds, got {args.max_time_diff}")
-    try:
+    with user_errors():
         results = evaluate_pose_files(args.pred, args.gt, args.align, args.max_time_diff, out_dir=args.out)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     _print_summary(results, Path(args.out) / "report.md")
     return 0
 
@@ -152,15 +150,13 @@ def _stream(args: argparse.Namespace) -> int:
         raise UserError(f"--window must be >= 1 frame, got {args.window}")
     if not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint} is not a directory (config.json + model.safetensors)")
-    try:
+    with user_errors(ValueError, FileNotFoundError, MissingHeadsError):
         results = evaluate_checkpoint(
             args.checkpoint, args.dataset, args.root, task=args.task, max_side=max_side, window=args.window,
             sink=args.sink, device=args.device, dtype=args.dtype, dataset_options=options, sequences=sequences, out_dir=out,
             save_predictions=args.save_predictions, progress=not args.no_progress, depth_align=args.depth_align,
             pose_align=args.pose_align, max_depth=args.max_depth,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError, MissingHeadsError) as exc:
-        raise UserError(str(exc)) from exc
     _print_summary(results, Path(out) / "report.md")
     print(f"{results['ms_per_frame']:.1f} ms per frame over {results['frames']} frames")
     return 0

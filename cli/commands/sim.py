@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from omnistream_cli.errors import UserError
+from omnistream_cli.errors import UserError, user_errors
 
 ENVS = ("tabletop", "calvin", "simpler")
 LAYOUTS = ("random", "slots")  # omnistream_sim.tabletop.TabletopConfig.layout
@@ -86,13 +86,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
-def shard_range(total: int, index: int, count: int) -> tuple[int, int]:
-    """Contiguous [start, stop) of shard ``index`` of ``count`` over ``total`` items (sizes differ by <= 1)."""
-    base, extra = divmod(total, count)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
-
-
 def _eval(args: argparse.Namespace) -> int:
     rerun = getattr(args, "rerun", None)
     if rerun is not None and (args.env != "tabletop" or not rerun.endswith(".rrd")):
@@ -155,7 +148,7 @@ def _eval_calvin(args: argparse.Namespace) -> int:
         raise UserError(f"--videos must be >= 0, got {args.videos}")
     shard = parse_shard(args.shard)
     seed = 0 if args.seed is None else args.seed
-    try:
+    with user_errors():
         resolve_calvin_env_root(args.calvin_env_root)  # fail fast, before ~25 s of chain generation
         load_instructions()
         if args.chains is not None and not 1 <= args.chains <= NUM_CHAINS:
@@ -164,8 +157,6 @@ def _eval_calvin(args: argparse.Namespace) -> int:
         select_chains(all_chains, args.chains, shard)  # validates --chains/--shard before the slow env build
         policy = make_policy(args.policy, seed=seed, env_name="calvin", device=getattr(args, "device", "cpu"))
         sim = make_calvin_env(args.calvin_env_root, renderer=args.renderer)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     try:
         results = run_evaluation(
             sim.env,
@@ -212,12 +203,10 @@ def _eval_simpler(args: argparse.Namespace) -> int:
     if episodes > EPISODES_PER_TASK:  # the protocol has 24 layouts per task
         print(f"SimplerEnv-Bridge has {EPISODES_PER_TASK} episodes per task; running {EPISODES_PER_TASK}")
         episodes = EPISODES_PER_TASK
-    try:
+    with user_errors():
         plan_episodes(resolve_tasks(None), episodes, [seed], shard)
         policy = make_policy(args.policy, seed=seed, env_name="simpler", device=getattr(args, "device", "cpu"))
         env = SimplerBridgeEnv()
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     try:
         results = run_evaluation(
             env,
@@ -245,27 +234,24 @@ def _eval_tabletop(args: argparse.Namespace) -> int:
     if args.videos < 0:
         raise UserError(f"--videos must be >= 0, got {args.videos}")
     from omnistream_cli.policies import make_policy
+    from omnistream_sim.report import shard_range
     from omnistream_sim.tabletop import TabletopConfig
     from omnistream_sim.tabletop.tasks import resolve_tasks
 
-    try:
+    with user_errors(ValueError):
         tasks = resolve_tasks(args.tasks)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     seed = 100_000 if args.seed is None else args.seed
     shard_index, shard_count = parse_shard(args.shard)
-    start, stop = shard_range(args.episodes, shard_index, shard_count)
+    start, stop = shard_range(args.episodes, (shard_index, shard_count))
     if stop <= start:
         raise UserError(f"shard {args.shard} of {args.episodes} episodes is empty")
     if args.max_steps is not None and args.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {args.max_steps}")
     overrides = {"image_size": args.image_size, "max_steps": args.max_steps, "layout": args.layout}
     config = TabletopConfig(**{k: v for k, v in overrides.items() if v is not None})
-    try:
+    with user_errors():
         policy = make_policy(args.policy, seed=seed, env_name="tabletop", device=args.device, timeout=args.timeout,
                              backbone=args.backbone)  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     try:
         results = _run_tabletop(args, policy, tasks, seed, config, start, stop, shard_index)
     finally:
@@ -306,7 +292,7 @@ def _run_tabletop(args, policy, tasks, seed, config, start, stop, shard_index) -
 def _merge(args: argparse.Namespace) -> int:
     from omnistream_sim.report import load_results, merge_results
 
-    try:
+    with user_errors():
         first = load_results(args.dirs[0])
         summarize = None
         env = first.get("env")
@@ -314,8 +300,6 @@ def _merge(args: argparse.Namespace) -> int:
             module = importlib.import_module(f"omnistream_sim.{env}")
             summarize = getattr(module, "summarize_records", None)
         merged = merge_results(args.dirs, args.out, summarize=summarize)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from None
     print(
         f"merged {len(args.dirs)} shards: success {merged['success_rate']:.3f} over {merged['episodes']} -> {args.out}"
     )
@@ -325,12 +309,10 @@ def _merge(args: argparse.Namespace) -> int:
 def _demos(args: argparse.Namespace) -> int:
     from omnistream_sim.tabletop import TabletopConfig, generate_demonstrations
 
-    try:
+    with user_errors(ValueError):
         episodes = generate_demonstrations(
             args.episodes, seed=args.seed, out_dir=args.out, tasks=args.tasks, config=TabletopConfig(layout=args.layout)
         )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     print(f"{len(episodes)} demonstrations ({sum(len(e) for e in episodes)} steps) -> {args.out}")
     return 0
 
@@ -338,11 +320,9 @@ def _demos(args: argparse.Namespace) -> int:
 def _geometry(args: argparse.Namespace) -> int:
     from omnistream_sim.tabletop import generate_geometry_sequences
 
-    try:
+    with user_errors(ValueError):
         generate_geometry_sequences(
             args.sequences, args.frames, seed=args.seed, out_dir=args.out, image_size=args.image_size
         )
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
     print(f"{args.sequences} geometry sequences x {args.frames} frames -> {args.out}")
     return 0

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from omnistream_cli.errors import user_errors
+
 
 def _common(p: argparse.ArgumentParser, default_preset: str) -> None:
     p.add_argument("--preset", default=default_preset, help=f"configuration preset (default {default_preset})")
@@ -186,9 +188,11 @@ def _threads(args) -> None:
     configure_torch_threads(args.threads)
 
 
-def _common_overrides(args: argparse.Namespace) -> dict:
-    """The flags every training command has (None = the preset's value)."""
-    return dict(max_steps=args.max_steps, lr=args.lr, seed=args.seed, save_every=args.save_every)
+def _overrides(args: argparse.Namespace, **fields) -> dict:
+    """The config overrides of a training command: the flags every one has and its own ``fields`` (None = the
+    preset's value), then ``--set KEY=JSON`` (which wins)."""
+    common = dict(max_steps=args.max_steps, lr=args.lr, seed=args.seed, save_every=args.save_every)
+    return {**common, **fields, **_parse_overrides(args.overrides)}
 
 
 def _report(result: dict, out: str) -> None:
@@ -200,14 +204,14 @@ def _report(result: dict, out: str) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from omnistream_cli.errors import UserError
-
     _threads(args)
     from omnistream_train.config import PretrainConfig
     from omnistream_train.pretrain import run_pretraining
 
-    overrides = dict(
-        **_common_overrides(args),
+    switched_off = [field for field in ("ssl_images", "ssl_videos", "geometry", "captioning", "gram", "rope_rescaling")
+                    if getattr(args, f"no_{field}")]  # fmt: skip
+    overrides = _overrides(
+        args,
         backbone=args.backbone,
         init_dinov3=args.init_dinov3,
         geometry_data=args.geometry,
@@ -215,27 +219,15 @@ def _pretrain(args: argparse.Namespace) -> int:
         videos=args.videos,
         captions=args.captions,
         clip_frames=args.clip_frames,
+        **dict.fromkeys(switched_off, False),
+        **_batch_overrides(args),
     )
-    for flag, field in [
-        ("no_ssl_images", "ssl_images"),
-        ("no_ssl_videos", "ssl_videos"),
-        ("no_geometry", "geometry"),
-        ("no_captioning", "captioning"),
-        ("no_gram", "gram"),
-        ("no_rope_rescaling", "rope_rescaling"),
-    ]:
-        if getattr(args, flag):
-            overrides[field] = False
-    overrides.update(_batch_overrides(args))
-    overrides.update(_parse_overrides(args.overrides))
-    try:
+    with user_errors():
         config = PretrainConfig.from_preset(args.preset, **overrides)
         result = run_pretraining(
             config, args.out, resume=args.resume, device=args.device, progress=not args.no_progress,
             parallel=_parallel(args),
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     if result.get("backbone") is not None:
         _report(result, args.out)
     return 0
@@ -254,38 +246,27 @@ def _heads(args: argparse.Namespace) -> int:
     from omnistream_train.heads import heads_config, run_head_probing
 
     out = args.out or str(Path(args.checkpoint) / "heads_training")
-    overrides = dict(
-        **_common_overrides(args),
-        geometry_data=args.geometry,
-        clip_frames=args.clip_frames,
-    )
-    overrides.update(_batch_overrides(args))
-    overrides.update(_parse_overrides(args.overrides))
-    try:
+    overrides = _overrides(args, geometry_data=args.geometry, clip_frames=args.clip_frames, **_batch_overrides(args))
+    with user_errors():
         config = heads_config(args.preset, args.checkpoint, **overrides)
         result = run_head_probing(
             args.checkpoint, config, out, save_to=args.save_to, resume=args.resume, device=args.device,
             progress=not args.no_progress, parallel=_parallel(args),
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     if result.get("backbone") is not None:
         _report(result, out)
     return 0
 
 
 def _vla_plan(args: argparse.Namespace) -> int:
-    from omnistream_cli.errors import UserError
     from omnistream_train.plan import format_plan, plan_vla
     from omnistream_train.vla import VLATrainConfig
 
-    try:
+    with user_errors(ValueError):
         overrides = dict(batch_size=args.batch_size, **_parse_overrides(args.overrides))
         config = VLATrainConfig.from_preset(args.preset, **overrides)
         plan = plan_vla(config, args.nproc, args.gpu_memory, args.host_memory, preset=args.preset,
                         activation_checkpointing=args.activation_checkpointing)  # fmt: skip
-    except ValueError as exc:
-        raise UserError(str(exc)) from exc
     print(format_plan(plan))
     return 0
 
@@ -300,22 +281,19 @@ def _vla(args: argparse.Namespace) -> int:
     _threads(args)
     from omnistream_train.vla import VLATrainConfig, run_vla_training
 
-    overrides = dict(
-        **_common_overrides(args),
+    overrides = _overrides(
+        args,
         backbone=args.backbone,
         batch_size=args.batch_size,
         epochs=args.epochs,
         eval_episodes=args.eval_episodes,
         init_vlm=args.init_vlm,
     )
-    overrides.update(_parse_overrides(args.overrides))
-    try:
+    with user_errors():
         config = VLATrainConfig.from_preset(args.preset, **overrides)
         result = run_vla_training(
             config, args.dataset, args.out, resume=args.resume, device=args.device, progress=not args.no_progress
         )
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     if result.get("policy") is not None:
         final = result.get("final") or {}
         print(
@@ -335,8 +313,8 @@ def _vlm(args: argparse.Namespace) -> int:
 
     if not args.dataset and not args.captions:
         raise UserError("give training data: --dataset DIR and/or --captions FILE.jsonl")
-    overrides = dict(
-        **_common_overrides(args),
+    overrides = _overrides(
+        args,
         backbone=args.backbone,
         batch_size=args.batch_size,
         stage1_steps=args.stage1_steps,
@@ -344,15 +322,12 @@ def _vlm(args: argparse.Namespace) -> int:
         eval_dataset=args.eval_dataset,
         stages={"1": [1], "2": [2], "both": [1, 2]}.get(args.stage),
     )
-    overrides.update(_parse_overrides(args.overrides))
-    try:
+    with user_errors():
         config = VLMTrainConfig.from_preset(args.preset, **overrides)
         if args.llm:
             config.policy_overrides = dict(config.policy_overrides, llm=args.llm)
         result = run_vlm_training(config, args.dataset, args.out, captions=args.captions, resume=args.resume,
                                   device=args.device, progress=not args.no_progress)  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     if result.get("vlm") is not None:
         final = result.get("final") or {}
         line = (f"trained {result['steps']} steps in {result['seconds']:.1f} s on {result['samples']} questions; "
@@ -379,15 +354,13 @@ def _probe(args: argparse.Namespace) -> int:
                         ("--batch-size", args.batch_size)):  # fmt: skip
         if value is not None and value < 1:
             raise UserError(f"{flag} must be >= 1, got {value}")
-    try:
+    with user_errors():
         config = ProbeConfig.from_preset(
             args.preset, args.task, head=args.head, max_steps=args.max_steps, image_size=args.image_size,
             batch_size=args.batch_size, seed=args.seed, lrs=[args.lr] if args.lr is not None else None,
         )  # fmt: skip
         result = run_probe(config, args.backbone, args.out, images=args.images, geometry=args.geometry,
                            device=args.device, progress=not args.no_progress)  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     print(probe_table(result))
     print(f"probe trained in {result['seconds']:.1f} s; results in {args.out}/probe.json and report.md")
     return 0

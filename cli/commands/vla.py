@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from omnistream_cli.errors import user_errors
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -98,12 +100,9 @@ def _info(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from omnistream_cli.errors import UserError
     from omnistream_vla.policy import OmniStreamVLAConfig
 
-    try:
+    with user_errors():
         config = OmniStreamVLAConfig.load(Path(args.policy))
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(str(exc)) from exc
     print(json.dumps(config.to_dict(), indent=2))
     return 0

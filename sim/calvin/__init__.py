@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..report import shard_range
 from .protocol import EP_LEN, chain_success_rates, evaluate_chain, evaluate_chains, summarize_records
 from .sequences import NUM_CHAINS, EvalChain, fnv1_32, generate_chains, initial_env_state, state_seed
 
@@ -56,12 +57,7 @@ def select_chains(chains: list[EvalChain], count: int | None, shard: tuple[int, 
     count = len(chains) if count is None else count
     if not 1 <= count <= len(chains):
         raise ValueError(f"--chains must be in 1..{len(chains)}, got {count}")
-    index, parts = shard
-    if parts < 1 or not 0 <= index < parts:
-        raise ValueError(f"shard must satisfy 0 <= i < n, got {index}/{parts}")
-    base, extra = divmod(count, parts)
-    start = index * base + min(index, extra)
-    stop = start + base + (1 if index < extra else 0)
+    start, stop = shard_range(count, shard)
     return chains[start:stop]
 
 
@@ -88,7 +84,7 @@ def run_evaluation(
     """
     import time
 
-    from ..report import build_results, write_results
+    from ..report import finish_results
 
     instructions = instructions if instructions is not None else load_instructions()
     source = all_chains if all_chains is not None else generate_chains()
@@ -116,11 +112,14 @@ def run_evaluation(
             r["calvin_env_commit"] = extra["calvin_env_commit"]
     total_steps = sum(sum(r["steps"]) for r in records)
     seconds = time.perf_counter() - start
-    results = build_results(
+    return finish_results(
         records,
         env="calvin",
         policy=policy_name,
         summarize=summarize_records,
+        shard=shard,
+        out_dir=out_dir,
+        title=f"CALVIN ABC->D: {policy_name}",
         seed=seed,
         ep_len=ep_len,
         chains_total=chains if chains is not None else len(source),
@@ -129,11 +128,6 @@ def run_evaluation(
         **extra,
         videos=video_paths,
     )
-    if shard[1] > 1:
-        results["shard"] = f"{shard[0]}/{shard[1]}"
-    if out_dir is not None:
-        write_results(results, out_dir, title=f"CALVIN ABC->D: {policy_name}")
-    return results
 
 
 def merge_results(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
@@ -141,5 +135,4 @@ def merge_results(paths: Iterable[str | Path], out_dir: str | Path | None = None
     (average length, i-in-a-row, per-task) is recomputed from the per-chain records."""
     from ..report import merge_results as merge
 
-    paths = [Path(p).parent if Path(p).is_file() else Path(p) for p in paths]
     return merge(paths, out_dir, summarize=summarize_records)  # the summariser refuses mixed calvin_env commits

@@ -33,7 +33,7 @@ class TaskOracle(Protocol):
 
 
 def to_observation(calvin_obs: dict, instruction: str) -> dict[str, Any]:
-    """calvin_env observation -> the harness's observation dict (``omnistream_sim.policy``)."""
+    """calvin_env observation -> the harness's observation dict (``omnistream_sim.policy_protocol``)."""
     rgb = calvin_obs.get("rgb_obs", {})
     images = {}
     if "rgb_static" in rgb:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..conventions import bridge_to_simpler_action
+from ..report import shard_range
 from .env import SimplerBridgeEnv, SimplerStandIn
 from .tasks import BRIDGE_TASKS, EPISODES_PER_TASK, BridgeTask, resolve_tasks
 
@@ -46,9 +47,6 @@ def plan_episodes(
         raise ValueError(f"episodes per task must be in 1..{EPISODES_PER_TASK}, got {episodes_per_task}")
     if not seeds:
         raise ValueError("at least one seed is needed")
-    index, parts = shard
-    if parts < 1 or not 0 <= index < parts:
-        raise ValueError(f"shard must satisfy 0 <= i < n, got {index}/{parts}")
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct and >= 0, got {list(seeds)}")
     plan = [
@@ -57,9 +55,8 @@ def plan_episodes(
         for task in tasks
         for episode in range(episodes_per_task)
     ]
-    base, extra = divmod(len(plan), parts)
-    start = index * base + min(index, extra)
-    return plan[start : start + base + (1 if index < extra else 0)]
+    start, stop = shard_range(len(plan), shard)
+    return plan[start:stop]
 
 
 def summarize_records(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -95,7 +92,7 @@ def run_evaluation(
 
     from tqdm import tqdm
 
-    from ..report import build_results, write_results
+    from ..report import finish_results
     from ..rollout import run_episode
     from ..video import write_video
 
@@ -122,27 +119,24 @@ def run_evaluation(
             path = write_video(result.frames, Path(out_dir) / "videos" / name, fps=5)
             video_paths.append(str(path.relative_to(out_dir)))
         bar.set_postfix(success=f"{np.mean([r['success'] for r in records]):.2f}")
-    results = build_results(
+    return finish_results(
         records,
         env="simpler",
         policy=policy_name,
         summarize=summarize_records,
+        shard=shard,
+        out_dir=out_dir,
+        title=f"SimplerEnv-Bridge (WidowX): {policy_name}",
         simulator=getattr(env, "name", type(env).__name__),
         seeds=list(seeds),
         seconds=round(time.perf_counter() - start, 2),
         **extra,
         videos=video_paths,
     )
-    if shard[1] > 1:
-        results["shard"] = f"{shard[0]}/{shard[1]}"
-    if out_dir is not None:
-        write_results(results, out_dir, title=f"SimplerEnv-Bridge (WidowX): {policy_name}")
-    return results
 
 
 def merge_results(paths: Iterable[str | Path], out_dir: str | Path | None = None) -> dict[str, Any]:
     """Combine SimplerEnv shard (or per-seed) results; the summary is recomputed from the records."""
     from ..report import merge_results as merge
 
-    paths = [Path(p).parent if Path(p).is_file() else Path(p) for p in paths]
     return merge(paths, out_dir, summarize=summarize_records)

@@ -9,7 +9,7 @@ Action (CALVIN's relative convention, see ``../shared/specs/simulators.md``): a 
 (euler angles added, as calvin_env does); ``gripper`` is +1 open, -1 close (its sign is what counts).
 One action lasts ``physics_hz / control_hz`` physics steps (30 Hz control on 240 Hz physics).
 
-Observation (the ``omnistream_sim.policy`` dict) plus ground truth::
+Observation (the ``omnistream_sim.policy_protocol`` dict) plus ground truth::
 
     images:      {"static": (H, W, 3) uint8, "wrist": (Hw, Ww, 3) uint8}
     depth:       {"static": (H, W) float32 metres, "wrist": ...}

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 import threading
@@ -54,66 +53,16 @@ def _typestore():
     return get_typestore(Stores.ROS2_KILTED)
 
 
-# ----------------------------------------------------------------------------------------------- parameters
+def string_cdr(text: str) -> bytes:
+    """A std_msgs/String serialized as on the wire (CDR), e.g. an episode event."""
+    typestore = _typestore()
+    String = typestore.types[EPISODE_EVENTS_TYPE]
+    return bytes(typestore.serialize_cdr(String(data=text), EPISODE_EVENTS_TYPE))
 
 
-@dataclass(frozen=True)
-class RecorderParam:
-    default: Any
-    kind: str  # "float" | "int" | "bool" | "str" | "str_list"
-    description: str
-    read_only: bool = False
-
-
-# The recorder_node parameters. Every one is validated at start (a bad one is a start-up error) and on every
-# change (refused with the reason); the read-only ones cannot change once the node runs.
-RECORDER_PARAMETERS: dict[str, RecorderParam] = {
-    "topics": RecorderParam([""], "str_list", "topics to record, any type (relative names use the node's namespace)"),
-    "instruction_topic": RecorderParam("/instruction", "str", "std_msgs/String instruction (recorded too); '' = none"),
-    "output_dir": RecorderParam("bags", "str", "directory the bags are created in (a change starts a new bag)"),
-    "bag_name": RecorderParam("", "str", "bag directory name ('' = rosbag2_<date>-<time>)", read_only=True),
-    "record_always": RecorderParam(False, "bool", "record between episodes too"),
-    "chunk_duration_s": RecorderParam(5.0, "float", "close a chunk file at least this often, seconds (> 0)"),
-    "chunk_max_mb": RecorderParam(256.0, "float", "close a chunk once this much is buffered, MB (> 0)"),
-    "min_free_mb": RecorderParam(64.0, "float", "refuse to write with less free disk space, MB (>= 0)"),
-    "queue_depth": RecorderParam(1000, "int", "subscription queue depth, 1..1000000 (rides out stalls)", True),
-    "retry_period_s": RecorderParam(2.0, "float", "after a write error, retry this often, seconds (> 0)"),
-}
-
-
-def validate_recorder_parameter(name: str, value: Any) -> tuple[Any, str | None]:
-    """(the value in its canonical Python type, None) or (None, what is wrong) for a recorder parameter."""
-    spec = RECORDER_PARAMETERS.get(name)
-    if spec is None:
-        return value, None  # not ours (e.g. use_sim_time)
-    if spec.kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return None, f"{name} must be a number, got {value!r}"
-        value = float(value)
-        if not math.isfinite(value):
-            return None, f"{name} must be finite, got {value}"
-        if name == "min_free_mb":
-            return (value, None) if value >= 0 else (None, f"{name} must be >= 0, got {value}")
-        return (value, None) if value > 0 else (None, f"{name} must be > 0, got {value}")
-    if spec.kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            return None, f"{name} must be an integer, got {value!r}"
-        if not 1 <= value <= 1_000_000:
-            return None, f"{name} must be between 1 and 1000000, got {value}"
-        return value, None
-    if spec.kind == "bool":
-        return (value, None) if isinstance(value, bool) else (None, f"{name} must be true or false, got {value!r}")
-    if spec.kind == "str_list":
-        if isinstance(value, str):  # `topics: /camera/image_raw` in a params file: one topic
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            return None, f"{name} must be a list of topic names, got {value!r}"
-        return [v.strip() for v in value if v.strip()], None
-    if not isinstance(value, str):
-        return None, f"{name} must be a string, got {value!r}"
-    if name == "output_dir" and not value.strip():
-        return None, "output_dir must not be empty"
-    return value.strip(), None
+def string_from_cdr(data: bytes) -> str:
+    """The text of a serialized std_msgs/String (e.g. the instruction topic's last message)."""
+    return _typestore().deserialize_cdr(data, EPISODE_EVENTS_TYPE).data
 
 
 # ----------------------------------------------------------------------------------------------- QoS
@@ -489,10 +438,7 @@ class BagRecorder:
     def _event(self, event: str, timestamp_ns: int) -> None:
         episode = self.current or (self.episodes[-1] if self.episodes else None)
         payload = {"event": event, **(episode.as_dict() if episode else {})}
-        typestore = _typestore()
-        String = typestore.types["std_msgs/msg/String"]
-        data = typestore.serialize_cdr(String(data=json.dumps(payload)), "std_msgs/msg/String")
-        self.add(self.events_topic, timestamp_ns, bytes(data))
+        self.add(self.events_topic, timestamp_ns, string_cdr(json.dumps(payload)))
 
     def start_episode(self, instruction: str, timestamp_ns: int) -> Episode:
         with self._lock:

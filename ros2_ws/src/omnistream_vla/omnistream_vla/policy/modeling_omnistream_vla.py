@@ -174,7 +174,10 @@ class OmniStreamVLAPolicy(nn.Module):
         normalizer: ActionNormalizer | None = None,
         backbone: nn.Module | None = None,
         directory: str | Path | None = None,
+        target_head: bool = True,
     ) -> None:
+        """``target_head=False`` leaves out the training-only head of ``config.target_dims`` (it is not saved:
+        a loaded policy acts without it)."""
         super().__init__()
         self.config = config
         self.directory = Path(directory) if directory is not None else None
@@ -192,7 +195,7 @@ class OmniStreamVLAPolicy(nn.Module):
         self.action_head = ActionHead(config, llm_hidden)
         self.state_encoder = StateEncoder(config.state_dims, llm_hidden) if config.state_dims else None
         self.visual_positions = VisualPositions(len(config.cameras), llm_hidden) if config.visual_positions else None
-        self.target_head = nn.Linear(llm_hidden, config.target_dims) if config.target_dims else None  # training only
+        self.target_head = nn.Linear(llm_hidden, config.target_dims) if config.target_dims and target_head else None
         self.normalizer = normalizer or ActionNormalizer.identity(config.arm_dims)
         if backbone is not None:
             self.set_backbone(backbone)
@@ -247,11 +250,12 @@ class OmniStreamVLAPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> OmniStreamVLAPolicy:
-        """Loads what ``save_pretrained`` wrote. The backbone is loaded lazily, on the first raw image."""
+        """Loads what ``save_pretrained`` wrote, for acting (no training-only target head). The backbone is loaded
+        lazily, on the first raw image."""
         directory = Path(directory)
         config = OmniStreamVLAConfig.load(directory)
         normalizer = ActionNormalizer.load(directory) if (directory / "normalization.safetensors").is_file() else None
-        policy = cls(config, normalizer=normalizer, directory=directory)
+        policy = cls(config, normalizer=normalizer, directory=directory, target_head=False)
         weights_path = directory / WEIGHTS_FILE
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_FILE} in {directory}")
