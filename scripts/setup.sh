@@ -11,6 +11,7 @@ PYTHON=${PYTHON:-python3.11}
 fingerprint() {
   cat requirements.txt scripts/setup.sh scripts/build_msgs.sh pyproject.toml \
     ros2_ws/src/*/setup.py ros2_ws/src/omnistream_msgs/CMakeLists.txt ros2_ws/src/omnistream_msgs/msg/* \
+    scripts/interfaces/*/CMakeLists.txt scripts/interfaces/*/package.xml scripts/interfaces/*/msg/* \
     2>/dev/null | sha256sum | cut -d' ' -f1
 }
 STAMP="$VENV/.omnistream-setup"
@@ -29,7 +30,7 @@ echo "setup: installing pinned requirements into $VENV (first time: about 2 minu
 "${PIP[@]}" install "$(grep '^torch==' requirements.txt)"
 "${PIP[@]}" install -r requirements.txt
 
-echo "setup: building omnistream_msgs"
+echo "setup: building the interface packages (omnistream_msgs; tf2_msgs unless ROS has it)"
 VENV="$VENV" scripts/build_msgs.sh
 
 echo "setup: installing the OmniStream packages (editable)"
@@ -48,5 +49,5 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE="${ROS_AUTOMATIC_DISCOVERY_RANGE:-LOCALHOST
 ACT
 fi
 
-"$VENV/bin/python" -c 'import rclpy, torch, transformers, omnistream_msgs.msg, omnistream_perception.model; print("setup: OK, torch", torch.__version__)'
+"$VENV/bin/python" -c 'import rclpy, torch, transformers, omnistream_msgs.msg, tf2_msgs.msg, omnistream_perception.model; print("setup: OK, torch", torch.__version__)'
 fingerprint >"$STAMP"
