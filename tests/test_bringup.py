@@ -28,6 +28,7 @@ pytestmark = pytest.mark.ros
 
 PERCEPTION_YAML = REPO_ROOT / "ros2_ws/src/omnistream_perception/config/perception.yaml"
 VLA_YAML = REPO_ROOT / "ros2_ws/src/omnistream_vla/config/vla.yaml"
+MANAGED = {"autostart": False}  # last: the launch file's lifecycle events drive the node
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_launch_files_declare_the_nodes_and_params_files():
         "perception_node",
         "perception_node",
     )
-    assert [Path(p) for p in perception.parameters] == [PERCEPTION_YAML]
+    assert Path(perception.parameters[0]) == PERCEPTION_YAML and perception.parameters[1:] == [MANAGED]
     assert ("image", "/cam/image_raw") in perception.remappings
     assert ("image/compressed", "/cam/image_raw/compressed") in perception.remappings
 
@@ -60,7 +61,7 @@ def test_launch_files_declare_the_nodes_and_params_files():
     assert names == [("omnistream_perception", "perception_node"), ("omnistream_vla", "vla_node")]
     vla = declarations[1]
     assert [Path(p) for p in vla.parameters[:1]] == [VLA_YAML]
-    assert vla.parameters[1:] == [{"policy": "/policies/mine"}]
+    assert vla.parameters[1:] == [{"policy": "/policies/mine"}, MANAGED]
     assert ("features", "/perception_node/features") in vla.remappings
     with pytest.raises(ValueError, match="no launch argument"):
         load_launch_file(default_launch_file(with_vla=False), {"imagee": "/typo"})
@@ -87,6 +88,8 @@ def test_perception_launch_runs_in_one_process_with_its_params(ros_context, fixt
         overrides={"perception_node": {"checkpoint": str(fixture_a), "points_stride": 3}},
     )
     assert isinstance(node, PerceptionNode)
+    # not autostarted: the launch file's configure and activate, through the lifecycle services, made it active
+    assert node.get_parameter("autostart").value is False and node.lifecycle_state == "active"
     assert node.get_parameter("feature_dtype").value == "float32"  # from the extra params file
     assert node.get_parameter("points_stride").value == 3  # from the override
     assert node.get_parameter("world_frame_id").value == "omnistream_world"  # from the launch file's YAML
@@ -112,6 +115,48 @@ def test_perception_launch_runs_in_one_process_with_its_params(ros_context, fixt
         thread.join(timeout=5)
         node.destroy_node()
         tester.destroy_node()
+
+
+def test_the_launch_transitions_go_through_the_lifecycle_services(ros_context, fixture_a):
+    """The launch file's ChangeState requests and OnStateTransition handlers, step by step, on the real node."""
+    from lifecycle_msgs.msg import Transition
+
+    from omnistream_perception.ros.bringup import LifecycleRequest
+    from omnistream_perception.ros.launch_lifecycle import drive_transitions
+
+    declarations = load_launch_file(default_launch_file(with_vla=False))
+    requests, handlers = declarations.lifecycle_requests, declarations.transition_handlers
+    declarations.lifecycle_requests = []  # build the node only: the transitions are made below
+    (node,) = create_nodes(
+        declarations, context=ros_context, overrides={"perception_node": {"checkpoint": str(fixture_a)}}
+    )
+    nodes = {"perception_node": node}
+    try:
+        assert node.lifecycle_state == "unconfigured" and node.cameras == {}, "autostart false: no model yet"
+        seen = drive_transitions(nodes, requests, [], ros_context)  # configure, without the launch's handler
+        assert [event[2:] for event in seen] == [("unconfigured", "configuring"), ("configuring", "inactive")]
+        assert node.lifecycle_state == "inactive" and node.cameras["camera"].session is not None
+        cleanup = [LifecycleRequest("perception_node", Transition.TRANSITION_CLEANUP)]
+        seen = drive_transitions(nodes, cleanup, handlers, ros_context)  # the handler does not match a cleanup
+        assert [event[2:] for event in seen] == [("inactive", "cleaningup"), ("cleaningup", "unconfigured")]
+        assert node.lifecycle_state == "unconfigured" and node.cameras == {}
+        seen = drive_transitions(nodes, requests, handlers, ros_context)  # the launch file's: configure, activate
+        assert [event[2:] for event in seen] == [
+            ("unconfigured", "configuring"),
+            ("configuring", "inactive"),
+            ("inactive", "activating"),
+            ("activating", "active"),
+        ]
+        assert node.lifecycle_state == "active" and {s.topic_name for s in node.subscriptions} >= {"/image"}
+    finally:
+        node.destroy_node()
+
+
+def test_a_failed_configure_in_the_bring_up_raises_what_made_it_fail(ros_context, tmp_path, capfd):
+    declarations = load_launch_file(default_launch_file(with_vla=False))
+    with pytest.raises(OSError, match="missing config.json"):
+        create_nodes(declarations, context=ros_context, overrides={"perception_node": {"checkpoint": str(tmp_path)}})
+    assert "configure failed" not in capfd.readouterr().err, "said once, by the caller"
 
 
 def test_omnistream_launch_runs_perception_and_vla_in_one_process(ros_context, fixture_a, tmp_path):

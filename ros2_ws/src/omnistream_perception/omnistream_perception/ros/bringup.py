@@ -2,11 +2,14 @@
 
 ``launch`` / ``launch_ros`` are not on PyPI (see ``../shared/specs/ros2-from-pypi.md``), so machines with
 pip-only ROS cannot run launch files. Our launch files stay thin (node declarations, launch arguments, a
-params YAML); this module executes ``generate_launch_description()`` with small recording stand-ins for the
-few launch classes they use (``LaunchRecorderStandIn``: launch arguments, ``OpaqueFunction``,
-``SetEnvironmentVariable``, ``launch_ros`` ``Node``), then constructs the declared nodes in this process with the
-same parameters files and remappings, passed as ROS arguments exactly as ``ros2 launch`` would, after applying
-the environment the launch file sets.
+params YAML, lifecycle transitions); this module executes ``generate_launch_description()`` with small recording
+stand-ins for the few launch classes they use (``launch_stand_ins``: launch arguments, ``OpaqueFunction``,
+``SetEnvironmentVariable``, ``EmitEvent``, ``RegisterEventHandler``; ``launch_ros`` ``Node``, ``LifecycleNode``,
+the ``ChangeState`` event and the ``OnStateTransition`` handler), then constructs the declared
+nodes in this process with the same parameters files and remappings, passed as ROS arguments exactly as
+``ros2 launch`` would, after applying the environment the launch file sets. The lifecycle transitions the launch
+file emits (and those its handlers emit on a node's transition events) go through the nodes' real lifecycle
+services (``launch_lifecycle``) before ``create_nodes`` returns.
 
 Node classes are found from the console-script entry point of ``package``/``executable`` (the one rclpy
 ``Node`` subclass defined in that module). They must accept ``node_name=...`` and rclpy ``Node`` keyword
@@ -23,10 +26,17 @@ import runpy
 import sys
 import threading
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .launch_stand_ins import (
+    LaunchContext,
+    LaunchRecorderStandIn,
+    LifecycleRequest,
+    TransitionHandler,
+    resolve_substitutions,
+)
 
 _SRC = Path(__file__).resolve().parents[3]  # ros2_ws/src in a checkout
 REPO_ROOT = _SRC.parents[1]
@@ -40,6 +50,7 @@ class NodeDeclaration:
     namespace: str = ""
     parameters: list[Any] = field(default_factory=list)  # YAML file paths or {name: value} dicts
     remappings: list[tuple[str, str]] = field(default_factory=list)
+    lifecycle: bool = False  # a launch_ros LifecycleNode
 
     def ros_arguments(self, extra_params_files: list[str] = (), overrides: dict[str, Any] | None = None) -> list[str]:
         """The ``--ros-args`` that ``ros2 launch`` would pass (later files and ``-p`` win)."""
@@ -64,97 +75,6 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
     return str(value)
-
-
-# -- recording stand-ins for launch / launch_ros -------------------------------------------------------------------
-class _LaunchConfiguration:
-    def __init__(self, name: str, default: Any = None):
-        self.name, self.default = name, default
-
-    def perform(self, context: _LaunchContext) -> str:
-        return str(_resolve(self, context.launch_configurations))
-
-
-@dataclass
-class _LaunchContext:
-    launch_configurations: dict[str, str]
-
-
-def _resolve(value: Any, arguments: dict[str, str]) -> Any:
-    if isinstance(value, _LaunchConfiguration):
-        if value.name in arguments:
-            return arguments[value.name]
-        if value.default is not None:
-            return _resolve(value.default, arguments)
-        raise ValueError(f"launch argument {value.name!r} has no value: pass {value.name}:=VALUE")
-    if isinstance(value, list):  # a list of substitutions concatenates
-        return "".join(str(_resolve(v, arguments)) for v in value)
-    if isinstance(value, dict):  # a node's parameter dict
-        return {k: _resolve(v, arguments) for k, v in value.items()}
-    return value
-
-
-class LaunchRecorderStandIn:
-    """Stand-in modules ``launch``, ``launch.actions``, ``launch.substitutions``, ``launch_ros.actions`` that
-    record what a launch file declares instead of starting processes."""
-
-    def __init__(self) -> None:
-        self.arguments: dict[str, Any] = {}
-        self.nodes: list[dict[str, Any]] = []
-        self.environment: list[tuple[Any, Any]] = []
-        self.functions: list[Any] = []  # OpaqueFunction callables, run once the arguments are known
-
-    def modules(self) -> dict[str, types.ModuleType]:
-        recorder = self
-
-        class LaunchDescription(list):
-            pass
-
-        class DeclareLaunchArgument:
-            def __init__(self, name, default_value=None, description="", **_):
-                self.name, self.default_value, self.description = name, default_value, description
-                recorder.arguments[name] = default_value
-
-        class Node:
-            def __init__(self, package, executable, name=None, namespace="", parameters=(), remappings=(), **_):
-                self.spec = dict(
-                    package=package,
-                    executable=executable,
-                    name=name or executable,
-                    namespace=namespace,
-                    parameters=list(parameters),
-                    remappings=list(remappings),
-                )
-                recorder.nodes.append(self.spec)
-
-        class OpaqueFunction:
-            def __init__(self, function, args=None, kwargs=None, **_):
-                recorder.functions.append(lambda context: function(context, *(args or ()), **(kwargs or {})))
-
-        class SetEnvironmentVariable:
-            def __init__(self, name, value, **_):
-                recorder.environment.append((name, value))
-
-        launch = types.ModuleType("launch")
-        launch.LaunchDescription = LaunchDescription
-        actions = types.ModuleType("launch.actions")
-        actions.DeclareLaunchArgument = DeclareLaunchArgument
-        actions.OpaqueFunction = OpaqueFunction
-        actions.SetEnvironmentVariable = SetEnvironmentVariable
-        substitutions = types.ModuleType("launch.substitutions")
-        substitutions.LaunchConfiguration = _LaunchConfiguration
-        launch.actions, launch.substitutions = actions, substitutions
-        launch_ros = types.ModuleType("launch_ros")
-        ros_actions = types.ModuleType("launch_ros.actions")
-        ros_actions.Node = Node
-        launch_ros.actions = ros_actions
-        return {
-            "launch": launch,
-            "launch.actions": actions,
-            "launch.substitutions": substitutions,
-            "launch_ros": launch_ros,
-            "launch_ros.actions": ros_actions,
-        }
 
 
 def package_share_directory(package: str) -> str:
@@ -191,12 +111,16 @@ def _launch_stand_ins(recorder: LaunchRecorderStandIn):
 
 
 class LaunchDeclarations(list):
-    """The nodes a launch file declares (a list of ``NodeDeclaration``) and the environment it sets."""
+    """The nodes a launch file declares (a list of ``NodeDeclaration``), the environment it sets and the lifecycle
+    transitions it asks for (``lifecycle_requests`` at launch, ``transition_handlers`` on transition events)."""
 
-    def __init__(self, nodes=(), environment: dict[str, str] | None = None, arguments: dict[str, str] | None = None):
+    def __init__(self, nodes=(), environment: dict[str, str] | None = None, arguments: dict[str, str] | None = None,
+                 lifecycle_requests=(), transition_handlers=()):  # fmt: skip
         super().__init__(nodes)
         self.environment = dict(environment or {})
         self.arguments = dict(arguments or {})  # every launch argument's value (given or default)
+        self.lifecycle_requests: list[LifecycleRequest] = list(lifecycle_requests)
+        self.transition_handlers: list[TransitionHandler] = list(transition_handlers)
 
 
 def load_launch_file(path: str | Path, arguments: dict[str, str] | None = None) -> LaunchDeclarations:
@@ -209,34 +133,43 @@ def load_launch_file(path: str | Path, arguments: dict[str, str] | None = None) 
         namespace = runpy.run_path(str(path))
         if "generate_launch_description" not in namespace:
             raise ValueError(f"{path} has no generate_launch_description()")
-        namespace["generate_launch_description"]()
+        description = namespace["generate_launch_description"]()
         unknown = set(arguments or {}) - set(recorder.arguments)
         if unknown:
             raise ValueError(
                 f"{path.name} has no launch argument(s) {sorted(unknown)}; it has {sorted(recorder.arguments)}"
             )
-        values = {k: str(_resolve(v, {})) for k, v in recorder.arguments.items() if v is not None}
+        values = {k: str(resolve_substitutions(v, {})) for k, v in recorder.arguments.items() if v is not None}
         values.update(arguments or {})
         missing = sorted(set(recorder.arguments) - set(values))
         if missing:
             raise ValueError(f"{path.name} needs launch argument(s) {missing}: pass NAME:=VALUE")
-        for function in recorder.functions:
-            function(_LaunchContext(dict(values)))
+        recorder.visit(description, LaunchContext(dict(values)))
     declarations = LaunchDeclarations(
-        environment={str(_resolve(k, values)): str(_resolve(v, values)) for k, v in recorder.environment},
+        environment={
+            str(resolve_substitutions(k, values)): str(resolve_substitutions(v, values))
+            for k, v in recorder.environment
+        },
         arguments=values,
     )
+    names = {}
     for spec in recorder.nodes:
         declarations.append(
             NodeDeclaration(
                 package=spec["package"],
                 executable=spec["executable"],
-                name=str(_resolve(spec["name"], values)),
-                namespace=str(_resolve(spec["namespace"], values)),
-                parameters=[_resolve(p, values) for p in spec["parameters"]],
-                remappings=[(str(_resolve(a, values)), str(_resolve(b, values))) for a, b in spec["remappings"]],
+                name=str(resolve_substitutions(spec["name"], values)),
+                namespace=str(resolve_substitutions(spec["namespace"], values)),
+                parameters=[resolve_substitutions(p, values) for p in spec["parameters"]],
+                remappings=[
+                    (str(resolve_substitutions(a, values)), str(resolve_substitutions(b, values)))
+                    for a, b in spec["remappings"]
+                ],
+                lifecycle=spec["lifecycle"],
             )
         )
+        names[id(spec)] = declarations[-1].name
+    declarations.lifecycle_requests, declarations.transition_handlers = recorder.lifecycle_plan(names, values)
     return declarations
 
 
@@ -269,13 +202,20 @@ def create_nodes(
     extra_params_files: list[str] = (),
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> list:
-    """Construct the declared nodes in this process. ``overrides`` maps node name -> {parameter: value}."""
+    """Construct the declared nodes in this process and make the lifecycle transitions the launch file asks for
+    (a failed configure raises what made it fail). ``overrides`` maps node name -> {parameter: value}."""
     nodes = []
     try:
         for decl in declarations:
             cls = node_class(decl.package, decl.executable)
             args = decl.ros_arguments(extra_params_files, (overrides or {}).get(decl.name))
             nodes.append(cls(node_name=decl.name, namespace=decl.namespace or None, context=context, cli_args=args))
+        requests = getattr(declarations, "lifecycle_requests", [])
+        if requests:
+            from .launch_lifecycle import drive_transitions
+
+            handlers = getattr(declarations, "transition_handlers", [])
+            drive_transitions(dict(zip([d.name for d in declarations], nodes)), requests, handlers, context)
     except BaseException:
         for node in nodes:
             node.destroy_node()

@@ -62,7 +62,7 @@ PARAMETERS: dict[str, ParamSpec] = {
     "frame_id": ParamSpec("base_link", "frame_id of ~/action and ~/twist (the policy's frame on this robot)"),
     "initial_gripper": ParamSpec(1.0, "gripper held by stops before the first command: 1 open | -1 close",
                                  check=one_of(1.0, -1.0)),
-    "prefix_cache": ParamSpec(False, "reuse the system prompt's K/V across steps (equal up to float rounding)", True),
+    "prefix_cache": ParamSpec(True, "reuse the prompt prefix's K/V across steps (same actions to rounding)", True),
     "use_joint_states": ParamSpec(False, "subscribe to joint_states (reported in diagnostics)", True),
     "instruction_durability": ParamSpec("transient_local", "instruction QoS: transient_local | volatile", True,
                                         one_of("transient_local", "volatile")),

@@ -1,12 +1,13 @@
-"""A lifecycle node base that keeps the bookkeeping out of the nodes (a ROS adapter, like the nodes themselves).
+"""A lifecycle node base that keeps the bookkeeping out of the nodes (node plumbing of perception_node and vla_node).
 
 A subclass implements ``configure()`` (load the model, create outputs with :meth:`keep_output`), ``activate()``
 (create subscriptions and timers with :meth:`keep_input`), ``deactivate()`` (e.g. send a stop; the inputs are
 destroyed after it) and ``release()`` (drop the model). The standard transitions then do the rest:
 
 * configure: a failure returns to ``unconfigured`` with everything created so far destroyed; the exception is
-  kept for :meth:`autostart`, which re-raises it, so ``node_main.run_node`` ends a one-step start with one FATAL
-  line and exit 2 as for a plain node;
+  kept (:attr:`failure`) for :meth:`autostart`, which re-raises it, so ``node_main.run_node`` ends a one-step start
+  with one FATAL line and exit 2 as for a plain node (the in-process bring-up raises it the same way, within
+  :meth:`caller_reports_failures`);
 * deactivate: ``deactivate()`` then the inputs are destroyed; cleanup, shutdown and error: everything is destroyed
   and ``release()`` runs, then the garbage is collected so a model's memory goes at once.
 
@@ -15,7 +16,9 @@ destroyed after it) and ``release()`` (drop the model). The standard transitions
 
 from __future__ import annotations
 
+import contextlib
 import gc
+from collections.abc import Iterator
 from typing import Any
 
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
@@ -33,7 +36,7 @@ class ManagedNode(LifecycleNode):
         self._inputs: list[Any] = []
         self._outputs: list[Any] = []
         self._failure: BaseException | None = None
-        self._autostarting = False
+        self._caller_reports = False
         self.lifecycle_state = "unconfigured"
 
     # -- for subclasses -----------------------------------------------------------------------------------------
@@ -51,27 +54,44 @@ class ManagedNode(LifecycleNode):
         self._inputs.append(entity)
         return entity
 
+    def drop_input(self, entity) -> None:
+        """Destroys one input now (a subscription re-created with another QoS, a timer with another period)."""
+        self._inputs.remove(entity)
+        self._destroy([entity])
+
     def keep_output(self, entity):
         self._outputs.append(entity)
         return entity
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What made the last configure fail (None once one succeeds)."""
+        return self._failure
+
+    @contextlib.contextmanager
+    def caller_reports_failures(self) -> Iterator[None]:
+        """Within it a failed configure is not logged here: the caller raises :attr:`failure` (said once)."""
+        previous, self._caller_reports = self._caller_reports, True
+        try:
+            yield
+        finally:
+            self._caller_reports = previous
+
     def autostart(self) -> None:
         """Configure and activate now; raises what made configure fail."""
-        self._autostarting = True
-        try:
+        with self.caller_reports_failures():
             for trigger in (self.trigger_configure, self.trigger_activate):
                 if trigger() != SUCCESS:
                     raise self._failure or RuntimeError(f"{trigger.__name__} failed")
-        finally:
-            self._autostarting = False
 
     # -- transitions --------------------------------------------------------------------------------------------
     def on_configure(self, state) -> TransitionCallbackReturn:
+        self._failure = None
         try:
             self.configure()
         except Exception as exc:  # reported by autostart's caller (one FATAL line), else here
             self._failure = exc
-            if not self._autostarting:
+            if not self._caller_reports:
                 self.get_logger().error(f"configure failed: {exc}")
             self._release()
             return FAILURE
