@@ -263,9 +263,9 @@ def test_dart_noise_perturbs_the_motion_but_keeps_clean_expert_labels():
             assert np.allclose(expert.select_action({"state": states[t]}), label, atol=1e-6)
 
 
-def test_a_missed_grasp_is_acted_out_and_the_labels_show_the_recovery():
-    """grasp_miss: the executed motion closes the gripper beside the block and rises; the labels (the unbiased
-    expert's) never close there: they open, go back above the block and grasp again, and the episode succeeds."""
+def test_a_missed_grasp_is_recorded_from_the_miss_with_the_recovery_as_labels():
+    """grasp_miss: an off-target grasp is acted out; the episode starts where the miss is noticed (gripper closed on
+    nothing), its labels open the gripper, and a later grasp lifts the block."""
     config = TabletopConfig.debug(layout="slots", start_noise=(0.05, 0.15, 0.04))
     with TabletopEnv(config) as miss_env:
         plain = record_expert_episode(miss_env, 5, "lift_blue", action_noise=0.3)
@@ -274,16 +274,11 @@ def test_a_missed_grasp_is_acted_out_and_the_labels_show_the_recovery():
         missed = [record_expert_episode(miss_env, s, "lift_blue", action_noise=0.3, grasp_miss=1.0) for s in range(4)]
     kept = [e for e in missed if e.success]
     assert len(kept) >= 2, [e.success for e in missed]
+    assert plain.arrays["state"][0, -1] > 0  # an ordinary episode starts with the gripper open
     for episode in kept:
         state, labels = episode.arrays["state"], episode.arrays["actions"]
-        executed_close = state[:, -1] < 0  # the gripper command that was executed on the step before
-        first_close = int(np.argmax(executed_close))
-        # the executed close came first, while the labels still said "open" (the unbiased expert was not there)
-        assert executed_close.any() and (labels[: first_close + 1, 6] > 0).all()
-        # ...then the gripper opened again (a recovery), and the final grasp lifted the block
-        reopened = np.flatnonzero(~executed_close[first_close:])
-        assert reopened.size > 0, "the gripper never opened again after the missed grasp"
-        assert len(episode) > len(plain)
+        assert state[0, -1] < 0 and labels[0, 6] > 0, "starts closed on nothing, and the label opens the gripper"
+        assert (labels[:, 6] < 0).any(), "then grasps again"
 
 
 def test_the_expert_recovers_when_its_grasp_misses():

@@ -92,12 +92,13 @@ def record_expert_episode(
     expert then shows how to recover from the small drifts a learned policy makes, which clean demonstrations
     never visit.
 
-    ``grasp_miss``: the probability that a lift episode starts with a missed grasp, the learned policy's most
-    common failure: the executed motion comes from an expert aiming 3-4.5 cm in front of or behind the block, which closes the
-    gripper there and rises, until it notices the block stayed behind; from then on the unbiased expert acts.
-    The labels are the unbiased expert's throughout (open, go back above the block, grasp again), so the
-    demonstrations show how to recover from a failed grasp without ever teaching to aim beside the block. An
-    episode whose off-target grasp happened to hold the block is reported as unsuccessful (it is discarded).
+    ``grasp_miss``: the probability that a lift episode shows the recovery from a missed grasp, the learned
+    policy's most common failure. An expert aiming 3-4.5 cm in front of or behind the block acts first: it closes
+    the gripper there and rises until it notices the block stayed behind. The episode is recorded from that moment
+    (gripper closed on nothing, the block on the table) with the unbiased expert's labels: open, go back above the
+    block, grasp again. The off-target approach itself is not recorded: its labels (the unbiased expert's "go back
+    up" a few centimetres from the block) taught a policy to abandon its own good descents. An episode whose
+    off-target grasp happened to hold the block is reported as unsuccessful (it is discarded).
     """
     expert = ScriptedExpert(env)
     obs = env.reset(seed=seed, task=task)
@@ -110,6 +111,7 @@ def record_expert_episode(
         miss_x = rng.choice([-1.0, 1.0]) * rng.uniform(0.03, 0.045)
         mistaken = ScriptedExpert(env, target_offset=[miss_x, rng.uniform(-0.01, 0.01), 0.0])
     frames: dict[str, list] = {}
+    first = 0  # the first recorded frame
     success = False
     for _ in range(env.config.max_steps):
         action = expert.select_action(obs)
@@ -117,8 +119,8 @@ def record_expert_episode(
         executed = action.copy()
         if mistaken is not None:
             executed = mistaken.select_action(obs)
-            if mistaken.misses:
-                mistaken = None  # it noticed the miss: the unbiased expert takes over from the next step
+            if mistaken.misses:  # noticed: record from here; the unbiased expert acts from the next step
+                mistaken, first = None, len(frames["actions"]) - 1
         if action_noise > 0:
             executed[:3] = np.clip(executed[:3] + rng.normal(0.0, action_noise, 3), -1.0, 1.0)
         obs, success, done, _ = env.step(executed)
@@ -126,7 +128,7 @@ def record_expert_episode(
             break
     if mistaken is not None:
         success = False  # the miss was never acted out (the off-target grasp held, or time ran out)
-    arrays = {k: np.stack(v) for k, v in frames.items()}
+    arrays = {k: np.stack(v[first:]) for k, v in frames.items()}
     for name in ("static_intrinsics", "static_cam_to_world", "wrist_intrinsics"):  # constant: store once
         if name in arrays:
             arrays[name] = arrays[name][0]
