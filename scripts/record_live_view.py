@@ -75,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
             depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL
         )
         node.create_publisher(String, "instruction", latched).publish(String(data=args.instruction))
-        node.create_subscription(Image, "perception_node/depth", depth_seen.append, reliable)
+        # no scale_source in the live view: the depth goes out scale-free, on ~/depth_scale_free
+        node.create_subscription(Image, "perception_node/depth_scale_free", depth_seen.append, reliable)
         spin = lambda: rclpy.spin_once(node, timeout_sec=0.02)  # noqa: E731
         # The view and perception_node both listen to the camera; the view listens to the depth.
         _wait(lambda: (spin(), image_pub.get_subscription_count() >= 2)[1], 180, "subscribers of image", procs)
-        _wait(lambda: (spin(), node.count_subscribers("perception_node/depth") >= 2)[1], 60, "the view", procs)
+        _wait(
+            lambda: (spin(), node.count_subscribers("perception_node/depth_scale_free") >= 2)[1], 60, "the view", procs
+        )
         period = 1.0 / args.rate
         for i, rgb in enumerate(frames):
             header = make_header(node.get_clock().now().to_msg(), "camera")

@@ -187,8 +187,8 @@ def test_geometry_outputs_with_heads_and_camera_info(harness, heads_checkpoint):
     assert h.node.has_heads
     out = {
         "features": h.subscribe("features", StreamFeatures),
-        "depth": h.subscribe("depth", Image),
-        "info": h.subscribe("depth/camera_info", CameraInfo),
+        "depth": h.subscribe("depth_scale_free", Image),  # no scale_source: the depth is not metres
+        "info": h.subscribe("depth_scale_free/camera_info", CameraInfo),
         "pose": h.subscribe("pose", PoseStamped),
         "path": h.subscribe("path", Path),
         "points": h.subscribe("points", PointCloud2),
@@ -201,8 +201,8 @@ def test_geometry_outputs_with_heads_and_camera_info(harness, heads_checkpoint):
         if i == 0:
             predicted_k = np.asarray(out["info"][0].k).reshape(3, 3)
             k_given = np.array([[80.0, 0, 48], [0, 80.0, 32], [0, 0, 1]])
-            # CameraInfo at twice the image size: the node scales it to the image
-            h.publish(camera_info_from_intrinsics(k_given * [[2], [2], [1]], 2 * W, 2 * H), "camera_info")
+            # CameraInfo of the image's size (another size is ignored: test_perception_node_units)
+            h.publish(camera_info_from_intrinsics(k_given, W, H), "camera_info")
             wait_for(lambda: h.node.cameras["camera"].camera_info is not None, what="camera_info")
 
     depth = out["depth"][-1]

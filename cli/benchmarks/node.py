@@ -144,7 +144,8 @@ def benchmark_node(
     outputs = _Outputs(keys)
     tester.create_subscription(StreamFeatures, "/bench_perception/features", outputs.callback("features"), 10)
     if node.has_heads:
-        tester.create_subscription(Image, "/bench_perception/depth", outputs.callback("depth"), 10)
+        # no scale_source: the depth goes out scale-free, on ~/depth_scale_free
+        tester.create_subscription(Image, "/bench_perception/depth_scale_free", outputs.callback("depth"), 10)
     image_pub = tester.create_publisher(Image, "/image", 10)
     report: dict[str, Any] = {
         "image_size": f"{width}x{height}",

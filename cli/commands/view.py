@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--save", default=None, metavar="FILE.rrd", help="write a Rerun recording instead of a viewer")
     out.add_argument("--connect", default=None, metavar="URL", help="a running viewer's gRPC URL (rerun+http://...)")
     p.add_argument("--image", default=defaults.image, help=f"camera Image or .../compressed topic ({defaults.image})")
-    p.add_argument("--depth", default=defaults.depth, help=f"depth Image topic ({defaults.depth})")
+    p.add_argument("--depth", default=defaults.depth,
+                   help=f"depth Image topic ({defaults.depth}; its depth_scale_free sibling too)")  # fmt: skip
     p.add_argument("--depth-info", default=defaults.depth_info, help=f"depth CameraInfo ({defaults.depth_info})")
     p.add_argument("--points", default=defaults.points, help=f"PointCloud2 topic ({defaults.points})")
     p.add_argument("--pose", default=defaults.pose, help=f"PoseStamped topic ({defaults.pose})")

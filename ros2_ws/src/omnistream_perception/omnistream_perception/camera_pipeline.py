@@ -4,7 +4,9 @@
   one waiting (the newest frame wins, no backlog); stopping waits for the frame in flight only.
 * :class:`CameraPipeline`: one camera's stream: frames stamped too far in the future are dropped, time going
   backwards (a looping bag) or a resolution change restarts the stream, outputs nobody listens to are not
-  computed, the path is bounded, a restart asked while a frame is in flight is applied before the next one.
+  computed, the path is bounded, a restart asked while a frame is in flight is applied before the next one; its
+  :class:`~omnistream_perception.depth_units.StreamGeometry` makes the published depth, points and pose what they
+  claim to be (metres or scale-free, NaN where invalid, the first camera frame as the world, the CameraInfo's lens).
 * :class:`ArrivalCounter`: frames received vs expected from the header stamps (the transport's losses).
 * transport checks: the image subscription's reliability follows the camera publisher's, and a best-effort
   publisher whose frames go missing gets one clear notice of what to change.
@@ -22,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .depth_units import FrameGeometry, StreamGeometry, UnitsConfig
 from .transport import best_effort_advice
 
 # A pause longer than this between two stamps is the camera (or bag) pausing, not frames lost on the way.
@@ -163,6 +166,7 @@ class CameraPipeline:
         max_stamp_ahead_s: float = 10.0,
         max_path_length: int = 2000,
         clock: Callable[[], float] = time.monotonic,
+        units: UnitsConfig | None = None,
     ) -> None:
         self.name, self.session, self.topic = name, session, topic
         self.reset_on_time_jump = reset_on_time_jump
@@ -183,6 +187,7 @@ class CameraPipeline:
         self.publisher_reliability: str | None = None
         self.subscription_reliability: str | None = None
         self.advice: str | None = None  # the transport notice, once given
+        self.geometry = StreamGeometry(units)
 
     # -- arrival (subscription callback) -------------------------------------------------------------------------
     def check_arrival(self, stamp_ns: int, now_ns: int, nbytes: int | None = None) -> str | None:
@@ -215,15 +220,23 @@ class CameraPipeline:
         self.last_stamp_ns, self.input_size = stamp_ns, tuple(size)
         return reasons
 
-    def run(self, rgb, wanted: Wanted, intrinsics=None):
-        """The session's result for this frame (call ``prepare`` first)."""
+    def run(self, rgb, wanted: Wanted):
+        """The session's result for this frame (call ``prepare`` first, ``finish`` after: points are made there,
+        from the valid depth and the camera's lens). The camera head (a small MLP) also runs for the first frame of
+        a stream (its pose is the world frame) and with depth (its intrinsics go out with the depth when the camera
+        has no CameraInfo); ``depth_topic`` units need the model's depth for the scale whenever the pose goes out."""
+        geometry = self.geometry
         return self.session.process(
             rgb,
-            want_depth=wanted.model_depth,
-            want_pose=wanted.model_pose,
-            want_points=wanted.points,
-            intrinsics=intrinsics,
+            want_depth=wanted.model_depth or geometry.needs_depth(wanted.model_pose),
+            want_pose=wanted.model_pose or wanted.depth or geometry.needs_anchor,
+            want_points=False,
         )
+
+    def finish(self, result, camera_info: Any, size: tuple[int, int], stamp_ns: int) -> FrameGeometry:
+        """The published depth, pose and camera of ``run``'s result for an image of ``size`` (H, W); ``camera_info``:
+        the camera's latest CameraInfo (used when it fits the image), or None."""
+        return self.geometry.finish(result, camera_info, size, stamp_ns)
 
     def add_pose(self, pose: Any) -> list[Any]:
         """Appends to the bounded path and returns it."""
@@ -239,6 +252,7 @@ class CameraPipeline:
         self.path = []
         self.restarts += 1
         self.arrivals.new_sequence()
+        self.geometry.reset()
 
     def request_restart(self) -> bool:
         """Restarts now when no frame is in flight (True), else before the next frame (False). Never blocks."""
@@ -305,7 +319,7 @@ class CameraPipeline:
             "subscription_reliability": self.subscription_reliability or "",
             "stream_restarts": self.restarts,
             "idle_skipped": self.idle_skipped,
-        }
+        } | self.geometry.diagnostics_values()
 
 
 @dataclass
@@ -387,3 +401,14 @@ class LatestFrameWorker:
                     if self._stopping:
                         return
                 self._process(key, item)
+
+
+def restart_streams(cameras: Sequence[CameraStream], worker: LatestFrameWorker | None) -> str:
+    """``~/reset``: restarts every camera's stream (now, or before its next frame when one is in flight: never
+    blocks) and drops the frames waiting for the worker; returns the answer."""
+    deferred = [cam.name for cam in cameras if not cam.pipeline.request_restart()]
+    for cam in cameras:
+        if worker is not None:
+            worker.discard(cam.name)
+    answer = f"restarted {len(cameras)} stream(s)"
+    return answer + (f" ({', '.join(deferred)}: after the frame in flight)" if deferred else "")

@@ -86,7 +86,8 @@ def rgb_to_compressed(
 
 
 def depth_to_msg(depth: np.ndarray, header: Header | None = None) -> Image:
-    """(H, W) depth in metres to a ``32FC1`` ``Image`` (NaN allowed here: it marks pixels without depth)."""
+    """(H, W) depth to a ``32FC1`` ``Image`` (NaN allowed here: it marks pixels without depth). On a depth topic
+    32FC1 means metres (REP 118): perception_node puts scale-free depth on ``~/depth_scale_free`` instead."""
     depth = np.asarray(depth)
     if depth.ndim != 2:
         raise ValueError(f"depth must be (H, W), got {tuple(depth.shape)}")

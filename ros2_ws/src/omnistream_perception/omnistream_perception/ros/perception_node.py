@@ -2,15 +2,18 @@
 
 Per camera (default: one camera on the relative, remappable topics ``image``, ``image/compressed`` and
 ``camera_info``; with ``cameras: [front, wrist]`` the inputs are ``front/image`` ... and the outputs
-``~/front/features`` ...): ``~/features`` (StreamFeatures, the image's header), ``~/depth`` (32FC1 metres) and
-``~/depth/camera_info``, ``~/pose`` and ``~/path`` (world = the stream's first camera frame), ``~/points``
-(PointCloud2 xyz + rgb), ``/diagnostics`` (rate, latency, cache, dropped frames, frames received vs expected,
-errors) and the ``~/reset`` service (Trigger). Depth, pose and points need geometry heads in the checkpoint.
+``~/front/features`` ...): ``~/features`` (StreamFeatures, the image's header), ``~/depth`` (32FC1 metres, with a
+``scale_source``; else ``~/depth_scale_free``) + ``camera_info``, ``~/pose``, ``~/path`` (world = the stream's first
+camera frame; ``/tf`` too), ``~/points`` (xyz + rgb), ``/diagnostics``, ``~/reset`` (Trigger); units: ``depth_units``.
+
+A managed (lifecycle) node (``~/change_state``, ``~/get_state``): configure loads the model and heads and creates
+the outputs; activate subscribes to the cameras; deactivate ends output (the frame in flight finishes first);
+cleanup frees the model. With ``autostart`` (default) it configures and activates itself at start. ``~/reset``
+and ``/diagnostics`` (with the lifecycle state) exist in every state.
 
 The ROS side only: parameters (table in ``perception_parameters``), topics, timers. What happens to a frame (newest
-frame wins, stamp checks, restarts, output gating, transport notices) is ``camera_pipeline`` (rclpy-free); messages
-are built in ``perception_messages``. With ``image_reliability: auto`` the image subscriptions follow the camera
-publisher's reliability (reliable when it is: large images then arrive whole between processes).
+frame wins, stamp checks, restarts, output gating, transport notices) is ``camera_pipeline`` (rclpy-free); the
+input subscriptions and their QoS are ``perception_inputs``; messages are built in ``perception_messages``.
 """
 
 from __future__ import annotations
@@ -21,13 +24,9 @@ import time
 from typing import Any
 
 from diagnostic_msgs.msg import DiagnosticStatus
-from geometry_msgs.msg import PoseStamped
-from nav_msgs.msg import Path
-from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage
 from std_srvs.srv import Trigger
 
 from omnistream_msgs.msg import StreamFeatures
@@ -39,105 +38,122 @@ from ..camera_pipeline import (
     LatestFrameWorker,
     LogThrottle,
     Wanted,
-    subscription_reliability,
+    restart_streams,
 )
+from ..depth_units import UnitsConfig, units_notice
 from ..image_codec import compressed_to_rgb, image_to_rgb
 from ..transport import large_data_env
 from .diagnostics import DiagnosticsPublisher
+from .managed_node import ManagedNode
 from .node_main import exit_process, run_node
 from .node_params import declare_parameters, parameter_value
-from .perception_messages import given_intrinsics, output_messages, stamp_ns
+from .perception_inputs import CameraInputs
+from .perception_messages import frame_messages, geometry_topics, stamp_ns
 from .perception_parameters import PARAMETERS, validate_parameter  # noqa: F401 - the node's table, re-exported
+from .transforms import TransformPublisher
 
 NODE_NAME = "perception_node"
-SENSOR_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=qos_profile_sensor_data.reliability)
 OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5, reliability=ReliabilityPolicy.RELIABLE)
-# A few images of queue: a callback held up by a busy executor still gets them (each supersedes the one waiting
-# for the worker, so the model never sees a backlog); depth 1 would lose them in the subscription's queue.
-IMAGE_QUEUE_DEPTH = 5
 RESET_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
-_RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
 STOP_TIMEOUT_S = 60.0  # the frame in flight is finished before the node goes (bounded by the input limits)
 
 
-class PerceptionNode(Node):
+class PerceptionNode(ManagedNode):
     """The perception node; construct it in any process (``parameter_overrides`` for tests, bring-up)."""
 
     def __init__(self, node_name: str = NODE_NAME, **kwargs) -> None:
         super().__init__(node_name, **kwargs)
         try:
-            self._setup(node_name)
+            self._setup()
         except BaseException:
-            Node.destroy_node(self)  # bad parameters or checkpoint: leave nothing behind in the context
+            self.destroy_node()  # bad parameters or checkpoint: leave nothing behind in the context
             raise
-        self.get_logger().info(
-            f"perception on camera(s) {', '.join(self.cameras)}; checkpoint {self._param('checkpoint')} on "
-            f"{self._param('device')}" + ("" if self.has_heads else " (features only: no geometry heads)")
-        )
 
-    def _setup(self, node_name: str) -> None:
+    def _setup(self) -> None:
+        self._worker: LatestFrameWorker | None = None
+        self._active, self.has_heads = False, False
+        self.cameras: dict[str, CameraStream] = {}
         cameras = dataclasses.replace(PARAMETERS["cameras"], default=Parameter.Type.STRING_ARRAY)
         declare_parameters(self, {**PARAMETERS, "cameras": cameras})  # ValueError naming every bad value
         self.log_throttle = LogThrottle(interval_s=5.0)
         self.diagnostics = DiagnosticsPublisher(self, period_s=self._param("diagnostics_period"))
-        self.cameras: dict[str, CameraStream] = {}
-        self._build_sessions()
+        self._names = list(self._param("cameras") or [])
+        self._inputs_of = CameraInputs(self, self._on_image)
+        self.state_changed("unconfigured")
         self.create_service(Trigger, "~/reset", self._on_reset, qos_profile=RESET_QOS)
-        self._worker = LatestFrameWorker(self._process_safely, name=f"{node_name}-worker")
-        self.create_timer(0.5, self._check_transport)
+        if self._param("autostart"):
+            self.autostart()
 
     def _param(self, name: str) -> Any:
         return parameter_value(self, name, PARAMETERS)
 
+    # -- lifecycle (managed_node does the bookkeeping) -----------------------------------------------------------
+    def configure(self) -> None:
+        self._tf = TransformPublisher(self, self._names)  # /tf, /tf_static; ValueError: frames that make no tree
+        self._build_sessions()
+        self._worker = LatestFrameWorker(self._process_safely, name=f"{self.get_name()}-worker")
+        self.get_logger().info(
+            f"perception on camera(s) {', '.join(self.cameras)}; checkpoint {self._param('checkpoint')} on "
+            f"{self._param('device')}"
+            + (f"; {units_notice(self._param('scale_source'))}" if self.has_heads else " (features only: no heads)")
+        )
+
+    def activate(self) -> None:
+        for cam in self.cameras.values():
+            self._inputs_of.open(cam, self._param("image_reliability"))
+        self.keep_input(self.create_timer(0.5, lambda: self._inputs_of.follow_all(self.cameras, self._param)))
+        self._tf.publish_static()
+        self._active = True
+
+    def deactivate(self) -> None:
+        self._active = False  # from here no frame is published
+        for cam in self.cameras.values():
+            cam.subscriptions.clear()  # destroyed with the other inputs
+            if self._worker is not None:
+                self._worker.discard(cam.name)
+            with cam.pipeline.lock:  # the frame in flight, if any, has finished
+                pass
+
+    def release(self) -> None:
+        self._active = False
+        self._stop_worker()
+        self.cameras, self.has_heads = {}, False
+
+    def state_changed(self, label: str) -> None:
+        for name in self._names or ["camera"]:
+            stats = self.diagnostics.stats(name)
+            stats.set_value("lifecycle_state", label)
+            if label != "active":
+                stats.set_level(DiagnosticStatus.OK, f"{label}: no output")
+            elif not self.has_heads:
+                stats.set_level(DiagnosticStatus.OK, "features only: the checkpoint has no geometry heads")
+            else:
+                stats.set_level(DiagnosticStatus.OK)
+
     def _build_sessions(self) -> None:
         from ..perception import PerceptionConfig, PerceptionSession, check_device, load_backbone_and_heads
 
-        config = PerceptionConfig.from_node_parameters({name: self._param(name) for name in PARAMETERS})
+        config = PerceptionConfig.from_node_parameters(params := {n: self._param(n) for n in PARAMETERS})
         check_device(config.device)  # before loading the checkpoint for nothing
         model, heads = load_backbone_and_heads(config.checkpoint)  # one model for all cameras, a stream each
         self.has_heads = heads is not None
-        names = list(self._param("cameras") or [])
-        for name in names or ["camera"]:
-            multi = bool(names)
+        multi = bool(self._names)
+        for name in self._names or ["camera"]:
             world = self._param("world_frame_id") + (f"_{name}" if multi else "")
             inputs, outputs = (f"{name}/", f"~/{name}/") if multi else ("", "~/")
             session = PerceptionSession(model, heads, config)
-            cam = CameraStream(name, CameraPipeline(name, session, inputs + "image"), self.diagnostics.stats(name),
-                               world, inputs)  # fmt: skip
+            pipeline = CameraPipeline(name, session, inputs + "image", units=UnitsConfig.from_node_parameters(params))
+            cam = CameraStream(name, pipeline, self.diagnostics.stats(name), world, inputs)
             pubs = cam.publishers
             pubs["features"] = self.create_publisher(StreamFeatures, outputs + "features", OUTPUT_QOS)
             if self.has_heads:
-                for key, msg_type, topic in [("depth", Image, "depth"), ("depth_info", CameraInfo, "depth/camera_info"),
-                                             ("pose", PoseStamped, "pose"), ("path", Path, "path"),
-                                             ("points", PointCloud2, "points")]:  # fmt: skip
+                for key, msg_type, topic in geometry_topics(self._param("scale_source")):
                     pubs[key] = self.create_publisher(msg_type, outputs + topic, OUTPUT_QOS)
-            else:
-                cam.stats.set_level(DiagnosticStatus.OK, "features only: the checkpoint has no geometry heads")
-            start = "reliable" if self._param("image_reliability") == "auto" else self._param("image_reliability")
-            for key in ("image", "image/compressed"):
-                self._subscribe(cam, key, start)
-            self.create_subscription(CameraInfo, inputs + "camera_info",
-                                     lambda m, c=cam: setattr(c, "camera_info", m), SENSOR_QOS)  # fmt: skip
+            for pub in pubs.values():
+                self.keep_output(pub)
             self.cameras[name] = cam
         if not self.has_heads:
             self.get_logger().warning("the checkpoint has no geometry heads: publishing features only")
-
-    def _subscribe(self, cam: CameraStream, key: str, reliability: str) -> None:
-        old = cam.subscriptions.pop(key, None)
-        if old is not None:
-            self.destroy_subscription(old[0])
-        qos = QoSProfile(
-            history=HistoryPolicy.KEEP_LAST, depth=IMAGE_QUEUE_DEPTH, reliability=_RELIABILITY[reliability]
-        )
-        msg_type = CompressedImage if key.endswith("compressed") else Image
-        # samples the middleware saw go missing (sequence gaps): the exact transport loss of a best-effort camera
-        lost = SubscriptionEventCallbacks(
-            message_lost=lambda info, c=cam: c.pipeline.arrivals.add_lost(info.total_count_change)
-        )
-        sub = self.create_subscription(
-            msg_type, cam.inputs + key, lambda m, c=cam: self._on_image(c, m), qos, event_callbacks=lost
-        )
-        cam.subscriptions[key] = (sub, reliability)
 
     def _warn(self, cam: CameraStream, kind: str, text: str, error: bool = False) -> None:
         allowed, held = self.log_throttle.allow(f"{cam.name}/{kind}")
@@ -154,48 +170,23 @@ class PerceptionNode(Node):
         if drop is not None:
             cam.stats.error(drop)
             self._warn(cam, "stamp", drop)
-        elif self._worker.put(cam.name, (msg, time.perf_counter())):
+        elif self._worker is not None and self._worker.put(cam.name, (msg, time.perf_counter())):
             cam.stats.dropped()  # the model is still busy: the older frame is superseded
 
     def _on_reset(self, request, response):
-        deferred = [cam.name for cam in self.cameras.values() if not cam.pipeline.request_restart()]
-        for name in self.cameras:
-            self._worker.discard(name)
-        response.success = True
-        response.message = f"restarted {len(self.cameras)} stream(s)"
-        if deferred:
-            response.message += f" ({', '.join(deferred)}: after the frame in flight)"
+        response.success, response.message = True, restart_streams(list(self.cameras.values()), self._worker)
         self.get_logger().info(response.message, throttle_duration_sec=1.0)
         return response
 
-    def _check_transport(self) -> None:
-        """Follows the camera publishers' reliability (auto) and reports lost frames once per camera."""
-        auto = self._param("image_reliability") == "auto"
-        for cam in self.cameras.values():
-            found = []
-            for key, (sub, current) in list(cam.subscriptions.items()):
-                infos = self.get_publishers_info_by_topic(sub.topic_name)
-                rels = ["best_effort" if i.qos_profile.reliability == ReliabilityPolicy.BEST_EFFORT else "reliable"
-                        for i in infos]  # fmt: skip
-                found += rels
-                wanted = subscription_reliability(rels, current) if auto else current
-                if wanted != current:
-                    self.get_logger().info(f"[{cam.name}] {sub.topic_name}: {wanted} subscription (publisher's QoS)")
-                    self._subscribe(cam, key, wanted)
-            cam.pipeline.observe_publishers(found, cam.subscriptions["image"][1])
-            notice = cam.pipeline.transport_notice()
-            if notice is not None:
-                self.get_logger().warning(f"[{cam.name}] {notice}")
-                cam.stats.set_level(DiagnosticStatus.WARN, notice)
-            for k, v in cam.pipeline.diagnostics_values().items():
-                cam.stats.set_value(k, v)
-
     # -- worker ---------------------------------------------------------------------------------------------------
     def _process_safely(self, name: str, item) -> None:
-        cam = self.cameras[name]
+        cam = self.cameras.get(name)
+        if cam is None:
+            return
         try:
             with cam.pipeline.lock:
-                self._process(cam, *item)
+                if self._active:  # else deactivated while the frame waited: no output
+                    self._process(cam, *item)
         except ValueError as exc:  # bad input: report and drop, keep serving
             cam.stats.error(str(exc))
             self._warn(cam, "bad_image", f"dropped a bad image: {exc}")
@@ -213,7 +204,7 @@ class PerceptionNode(Node):
 
     def _process(self, cam: CameraStream, msg, received_at: float) -> None:
         wanted, pipeline = Wanted.from_listened(self._listened(cam)), cam.pipeline
-        if not wanted.any():
+        if not (run := self._tf.with_pose(cam, wanted)).any():  # run: plus the pose when /tf wants it
             pipeline.idle_skipped += 1  # nobody listens: the model does not run
             return
         limit = self._param("max_input_pixels")
@@ -222,25 +213,26 @@ class PerceptionNode(Node):
         pipeline.max_path_length = self._param("max_path_length")
         for reason in pipeline.prepare(stamp_ns(msg), rgb.shape[:2]):
             self._warn(cam, "restart", reason)
-        try:
-            intrinsics = given_intrinsics(cam.camera_info, rgb.shape[:2])
-        except ValueError as exc:
-            cam.stats.error(f"camera_info ignored: {exc}")
-            intrinsics = None
-        result = pipeline.run(rgb, wanted, intrinsics)
+        result = pipeline.run(rgb, run)
+        frame = pipeline.finish(result, cam.camera_info, rgb.shape[:2], stamp_ns(msg))
+        for kind, text in frame.notices:  # CameraInfo ignored, no scale yet, a bad depth sensor image
+            self._warn(cam, kind, text)
         stride = self._param("points_stride")
-        outputs = output_messages(
-            result, msg.header, rgb, wanted, intrinsics, cam.world_frame_id, stride, pipeline.add_pose
-        )
+        outputs = frame_messages(result, frame, msg.header, rgb, wanted, cam.world_frame_id, stride, pipeline.add_pose)
         for key, out in outputs:
             cam.publishers[key].publish(out)
+        self._tf.publish_camera(cam, frame.pose, msg.header, self._warn)
         cam.stats.processed(latency_s=time.perf_counter() - received_at)
         for key, value in pipeline.frame_values(result).items():
             cam.stats.set_value(key, value)
 
-    def destroy_node(self) -> None:
-        if not self._worker.stop(timeout=STOP_TIMEOUT_S):
+    def _stop_worker(self) -> None:
+        worker, self._worker = getattr(self, "_worker", None), None
+        if worker is not None and not worker.stop(timeout=STOP_TIMEOUT_S):
             self.get_logger().error(f"the frame in flight did not finish within {STOP_TIMEOUT_S:g} s")
+
+    def destroy_node(self) -> None:
+        self._stop_worker()
         super().destroy_node()
 
 

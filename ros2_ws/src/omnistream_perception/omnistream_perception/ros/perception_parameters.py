@@ -8,11 +8,19 @@ than ``max_stamp_ahead`` seconds in the future dropped.
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
+from ..depth_units import (
+    DEFAULT_DEPTH_SYNC_TOLERANCE_S,
+    DEFAULT_MIN_DEPTH_CONFIDENCE,
+    DEFAULT_SCALE_TIME_CONSTANT_S,
+    SCALE_SOURCES,
+)
 from ..perception import CAMERA_TOKEN_CHOICES
-from .node_params import ParamSpec, integer_in, non_empty, number_in, one_of, problem
+from .node_params import Check, ParamSpec, integer_in, non_empty, number_in, one_of, problem
 
 _CAMERA_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
@@ -20,6 +28,7 @@ STRING_ARRAY = object()  # the default of an unset string-array parameter (``cam
 RELIABILITY_CHOICES = ("auto", "reliable", "best_effort")
 # 8K UHD (7680x4320 = 33.2 MP) fits; a 9000x9000 picture does not. Checked on the header, before decoding.
 DEFAULT_MAX_INPUT_PIXELS = 36_000_000
+QUATERNION_NORM_TOLERANCE = 1e-3  # a quaternion typed with 4 decimals passes; it is normalised before use
 
 
 def _device(value: Any) -> str | None:
@@ -50,8 +59,40 @@ def _boolean(value: Any) -> str | None:
     return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
 
 
-def _text(value: Any) -> str | None:
-    return None if isinstance(value, str) else f"must be a string, got {value!r}"
+def _frame_id(optional: bool) -> Check:
+    """A TF frame id: no whitespace, no leading '/' (tf2 refuses it); ``optional`` admits '' (its meaning: see
+    the parameter's description)."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return f"must be a frame id (a string), got {value!r}"
+        if not value:
+            return None if optional else "must be a frame id, got ''"
+        if value.startswith("/") or any(c.isspace() for c in value):
+            return f"must be a frame id without a leading '/' or spaces, got {value!r}"
+        return None
+
+    return check
+
+
+def _floats(count: int, what: str) -> Check:
+    def check(value: Any) -> str | None:
+        values = [] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else None
+        if values is None or len(values) != count or not all(isinstance(v, float) for v in values):
+            return f"must be {what}: {count} numbers written as floats (1.0, not 1), got {value!r}"
+        if not all(math.isfinite(v) for v in values):
+            return f"must be {what}: {count} finite numbers, got {values}"
+        return None
+
+    return check
+
+
+def _unit_quaternion(value: Any) -> str | None:
+    reason = _floats(4, "a unit quaternion [x, y, z, w]")(value)
+    norm = math.sqrt(sum(v * v for v in value)) if reason is None else 0.0
+    if reason is None and abs(norm - 1.0) > QUATERNION_NORM_TOLERANCE:
+        reason = f"must be a unit quaternion [x, y, z, w] (norm 1 within {QUATERNION_NORM_TOLERANCE:g}), norm {norm:g}"
+    return reason
 
 
 PARAMETERS: dict[str, ParamSpec] = {
@@ -97,10 +138,75 @@ PARAMETERS: dict[str, ParamSpec] = {
         _cameras,
     ),
     "world_frame_id": ParamSpec(
-        "omnistream_world", "frame_id of pose/path/points (suffixed _<camera> with several cameras)", check=_text
+        "omnistream_world",
+        "frame_id of pose/path/points and the parent of the camera transform on /tf: the stream's first camera "
+        "optical frame (x right, y down, z forward; not z-up); suffixed _<camera> with several cameras",
+        check=_frame_id(optional=False),
+    ),
+    "tf.publish": ParamSpec(
+        True, "publish world_frame_id -> camera frame on /tf per frame (the ~/pose, the image's stamp)", check=_boolean
+    ),
+    "tf.camera_frame": ParamSpec(
+        "",
+        "child frame of the /tf transform, an optical frame (REP-103: x right, y down, z forward); empty = the "
+        "image header's frame_id (as ~/depth's). Name another frame when the robot's TF already has the camera's "
+        "(a frame has one parent); suffixed _<camera> with several cameras",
+        True,
+        _frame_id(optional=True),
+    ),
+    "tf.anchor_parent_frame": ParamSpec(
+        "",
+        "robot frame (e.g. base_link, odom) of a static transform to world_frame_id on /tf_static; empty = none "
+        "(one camera only)",
+        True,
+        _frame_id(optional=True),
+    ),
+    "tf.anchor_translation": ParamSpec(
+        [0.0, 0.0, 0.0],
+        "x, y, z in metres: where world_frame_id (the first camera optical frame) is in tf.anchor_parent_frame",
+        True,
+        _floats(3, "a translation [x, y, z] in metres"),
+    ),
+    "tf.anchor_rotation": ParamSpec(
+        [0.0, 0.0, 0.0, 1.0],
+        "unit quaternion [x, y, z, w] of world_frame_id in tf.anchor_parent_frame (a camera looking along the "
+        "parent's x axis, REP-103 body to optical: [-0.5, 0.5, -0.5, 0.5])",
+        True,
+        _unit_quaternion,
     ),
     "publish_features": ParamSpec(True, "publish ~/features", check=_boolean),
-    "publish_depth": ParamSpec(True, "publish ~/depth and ~/depth/camera_info (needs heads)", check=_boolean),
+    "publish_depth": ParamSpec(
+        True, "publish ~/depth (or ~/depth_scale_free) and its camera_info (needs heads)", check=_boolean
+    ),
+    "scale_source": ParamSpec(
+        "none",
+        "where metres come from: none (depth on ~/depth_scale_free, points and pose translation in model units) | "
+        "fixed (the scale parameter) | depth_topic (a registered depth sensor image on depth_sensor, 16UC1 mm or "
+        "32FC1 m)",
+        True,
+        one_of(*SCALE_SOURCES),
+    ),
+    "scale": ParamSpec(0.0, "metres per model unit with scale_source fixed (> 0)", True, number_in(0.0, 1e6)),
+    "scale_time_constant": ParamSpec(
+        DEFAULT_SCALE_TIME_CONSTANT_S,
+        "seconds (image stamps) over which the depth_topic scale follows the sensor (exponential, in log); 0 = each "
+        "frame's own",
+        True,
+        number_in(0.0, 3600.0),
+    ),
+    "depth_sync_tolerance": ParamSpec(
+        DEFAULT_DEPTH_SYNC_TOLERANCE_S,
+        "seconds between an image's stamp and the depth sensor image paired with it",
+        True,
+        number_in(0.0, 10.0),
+    ),
+    "min_depth_confidence": ParamSpec(
+        DEFAULT_MIN_DEPTH_CONFIDENCE,
+        "depth pixels whose predicted confidence (1 + exp(x) > 1) is lower are NaN (1.5: the heads expect an error "
+        "above ~13% of the scene's mean distance); 1 = keep all",
+        True,
+        number_in(0.0, 1e9),
+    ),
     "publish_pose": ParamSpec(True, "publish ~/pose (needs heads)", check=_boolean),
     "publish_path": ParamSpec(True, "publish ~/path (needs heads)", check=_boolean),
     "publish_points": ParamSpec(True, "publish ~/points (needs heads)", check=_boolean),
@@ -116,6 +222,9 @@ PARAMETERS: dict[str, ParamSpec] = {
     ),
     "diagnostics_period": ParamSpec(
         1.0, "seconds between /diagnostics reports", True, number_in(0.0, 3600.0, low_open=True)
+    ),
+    "autostart": ParamSpec(
+        True, "configure and activate at start (false: wait for the lifecycle services)", True, _boolean
     ),
     "image_reliability": ParamSpec(
         "auto",

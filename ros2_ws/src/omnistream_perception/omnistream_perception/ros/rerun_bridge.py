@@ -2,7 +2,8 @@
 
 Topics (relative names, remappable like the stack's own; defaults match perception_node's and vla_node's
 publishers): ``image`` (the camera, Image or ``.../compressed``), ``perception_node/depth`` and
-``perception_node/depth/camera_info``, ``perception_node/points``, ``perception_node/pose``, ``instruction``
+``perception_node/depth/camera_info`` (and their ``depth_scale_free`` siblings, where perception_node publishes
+depth without a metric scale), ``perception_node/points``, ``perception_node/pose``, ``instruction``
 (std_msgs/String) and ``vla_node/action`` (EndEffectorAction). Every message is logged at its header stamp on the
 ``ros_time`` timeline (the instruction, which has no header, at the newest stamp seen). A message that cannot be
 logged is counted, warned about (throttled) and dropped. The logging itself is
@@ -51,6 +52,16 @@ def depth_array(msg: Image) -> np.ndarray:
     return np.ascontiguousarray(raw).view(">f4" if msg.is_bigendian else "<f4").astype(np.float32)
 
 
+def with_scale_free(topic: str) -> list[str]:
+    """``topic`` and, when a path component is ``depth``, its ``depth_scale_free`` sibling (perception_node's depth
+    topic without a metric scale): ``perception_node/depth/camera_info`` -> ``.../depth_scale_free/camera_info``."""
+    parts = topic.split("/")
+    if "depth" not in parts:
+        return [topic]
+    i = len(parts) - 1 - parts[::-1].index("depth")
+    return [topic, "/".join(parts[:i] + ["depth_scale_free"] + parts[i + 1 :])]
+
+
 class RerunBridgeNode(Node):
     """Subscribes to the stack's topics and logs every message to ``log`` (a ``RerunLog``)."""
 
@@ -68,9 +79,11 @@ class RerunBridgeNode(Node):
         self._image_reliability = "best_effort"
         self._image_sub = None
         self._subscribe_image()
-        self.create_subscription(Image, t.depth, lambda m: self._handle("depth", m, self._on_depth), OUTPUT_QOS)
-        self.create_subscription(CameraInfo, t.depth_info, lambda m: self._handle("depth_info", m, self._on_info),
-                                 OUTPUT_QOS)  # fmt: skip
+        for topic in with_scale_free(t.depth):
+            self.create_subscription(Image, topic, lambda m: self._handle("depth", m, self._on_depth), OUTPUT_QOS)
+        for topic in with_scale_free(t.depth_info):
+            self.create_subscription(CameraInfo, topic, lambda m: self._handle("depth_info", m, self._on_info),
+                                     OUTPUT_QOS)  # fmt: skip
         self.create_subscription(PointCloud2, t.points, lambda m: self._handle("points", m, self._on_points),
                                  OUTPUT_QOS)  # fmt: skip
         self.create_subscription(PoseStamped, t.pose, lambda m: self._handle("pose", m, self._on_pose), OUTPUT_QOS)
