@@ -49,14 +49,21 @@ def test_vla_cli_bad_input_is_a_clear_error(argv, message, tmp_path, capsys):
 
 def test_bench_vla_writes_json(tmp_path):
     path = tmp_path / "bench.json"
-    assert main(["bench", "vla", "--preset", "debug", "--repeats", "2", "--chunks", "2", "--json", str(path)]) == 0
+    argv = ["bench", "vla", "--preset", "debug,demo", "--repeats", "2", "--chunks", "2", "--json", str(path)]
+    assert main(argv) == 0
     report = json.loads(path.read_text())
-    r = report["results"]
+    r = report["results"]["debug"]
     assert r["chunk_size"] == 4 and r["visual_tokens"] == 4
-    assert r["llm_forward_ms"] > 0 and r["llm_forward_prefix_cached_ms"] > 0 and r["step_ms_amortised"] > 0
+    for way in ("full", "reuse"):  # side by side: the whole prompt vs the reused prefix
+        assert r[way]["chunk_ms"] > 0 and r[way]["step_ms_amortised"] > 0
+        # The chunk queue: most steps only pop, so the amortised step is far cheaper than the worst one.
+        assert r[way]["step_ms_amortised"] < r[way]["step_ms_max"]
+    assert r["speedup"]["chunk"] > 0 and r["max_abs_diff"] <= 1e-5
     assert r["prefix_tokens"] > 0 and r["sequence_tokens"] > r["prefix_tokens"] + r["visual_tokens"]
-    # The chunk queue: most steps only pop, so the amortised step is far cheaper than the worst one.
-    assert r["step_ms_min"] < r["step_ms_max"] / 5
+    assert r["step_tokens"] == r["sequence_tokens"] - r["prefix_tokens"]  # images first: only the system prefix
+    demo = report["results"]["demo"]
+    assert demo["instruction_first"] and demo["visual_tokens"] == 64
+    assert demo["step_tokens"] == demo["visual_tokens"] + 2  # the images, the state token and the action query
     assert r["tokenize_cached_ms"] < r["tokenize_ms"]
 
 

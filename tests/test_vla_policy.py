@@ -204,6 +204,7 @@ def test_bad_batches_are_clear_errors():
 def test_prefix_cache_matches_the_full_pass_and_follows_weight_changes():
     policy = _policy()
     obs = {"observation.features.static": _features(1), "task": ["open the drawer"]}
+    policy.use_prefix_cache = False  # the full pass (reusing the prefix is the default)
     full = policy.predict_action_chunk(obs, normalized=True)
     policy.use_prefix_cache = True
     cached = policy.predict_action_chunk(obs, normalized=True)

@@ -1,12 +1,18 @@
-"""`omnistream bench vla`: latency of the VLA policy per control step, per LLM forward, amortised over a chunk.
+"""`omnistream bench vla`: latency of the VLA policy per control step, the full pass beside the prefix reuse.
 
-Measured on random weights of the preset's real shapes (no download) or on a policy directory:
-* ``tokenize_ms`` / ``tokenize_cached_ms``: prompt ids of a new instruction vs a repeated one (cached);
-* ``llm_forward_ms``: one chunk prediction from features (projector + Qwen2 + action head);
-* ``llm_forward_prefix_cached_ms``: the same with the system prefix's K/V reused (``use_prefix_cache``);
-* ``backbone_ms`` (``--images``): one frame through the frozen backbone (the in-process simulator path);
-* ``step_ms_amortised``: mean time of ``select_action`` over whole chunks (one LLM forward per chunk);
-* ``step_ms_max``: the worst control step (the one that runs the LLM).
+Measured on random weights of each preset's real shapes (no download) or on a policy directory. Two ways to act
+are timed in alternating rounds (the median over rounds is reported, so a busy machine slows both alike):
+
+* ``full``: the whole prompt through the LLM at every prediction (``policy.use_prefix_cache = False``);
+* ``reuse``: the default, the K/V of the prompt text before the images computed once per instruction and
+  reused (``use_prefix_cache = True``; with ``instruction_first`` the instruction is part of that prefix).
+
+Per way: ``chunk_ms`` (one chunk prediction from features: projector, Qwen2, action head; the control step that
+runs the LLM), ``step_ms_amortised`` (``select_action`` over whole chunks) and ``step_ms_max``; ``speedup`` is
+full / reuse. Also: ``new_instruction_ms`` (the first prediction after an instruction changes: its prefix K/V
+are computed then), ``max_abs_diff`` (largest difference of the two ways' actions over the timed
+observations), ``tokenize_ms`` / ``tokenize_cached_ms`` (prompt ids of a new vs a repeated instruction) and,
+with ``--images``, ``backbone_ms`` (one frame through the frozen backbone, inside every step).
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ DEMO_POLICY = dict(
     cameras=("static",),
     state_names=("tcp_x", "tcp_y", "tcp_z", "gripper_opening", "gripper_action"),
 )
+WAYS = ("full", "reuse")  # use_prefix_cache False / True
+CALLS_PER_ROUND = 10  # predictions timed per way and round (their median is the round's figure)
+OBSERVATIONS = 8  # distinct observations cycled through, as a stream of frames would be
 
 
 def _sync(device: torch.device) -> None:
@@ -39,17 +48,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed_ms(device: torch.device, fn, *args) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn(*args)
+    _sync(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
 def _median_ms(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+    return statistics.median(_timed_ms(device, fn) for _ in range(repeats))
 
 
 def build_bench_policy(preset: str, checkpoint: str | None, device: torch.device, dtype: str, images: bool):
@@ -78,64 +88,118 @@ def build_bench_policy(preset: str, checkpoint: str | None, device: torch.device
     return policy.to(device).eval()
 
 
+def _observations(policy, images: bool, count: int) -> list[dict]:
+    """``count`` observations of one instruction with different frames (and states)."""
+    config = policy.config
+    device = policy.action_query.device
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        if images:
+            frame = torch.rand(1, 3, config.image_size, config.image_size, generator=generator).to(device)
+            obs = {f"observation.images.{cam}": frame for cam in config.cameras}
+        else:
+            shape = (1, config.tokens_per_camera, config.vision_hidden_size)
+            obs = {f"observation.features.{cam}": torch.randn(shape, generator=generator).to(device)
+                   for cam in config.cameras}  # fmt: skip
+        obs["task"] = ["pick up the red block and place it in the drawer"]
+        if config.state_names:
+            obs["observation.state"] = torch.randn(1, len(config.state_names), generator=generator).to(device)
+        out.append(obs)
+    return out
+
+
+def _use(policy, way: str) -> None:
+    policy.use_prefix_cache = way == "reuse"
+
+
 def benchmark_vla(policy, repeats: int = 5, chunks: int = 3, images: bool = False) -> dict:
+    """The two ways side by side; ``repeats`` alternating rounds."""
     device = policy.action_query.device
     config = policy.config
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(1, config.tokens_per_camera, config.vision_hidden_size, generator=generator)
-    observation = {f"observation.features.{cam}": features.to(device) for cam in config.cameras}
-    observation["task"] = ["pick up the red block and place it in the drawer"]
-    if config.state_names:
-        observation["observation.state"] = torch.randn(1, len(config.state_names), generator=generator).to(device)
+    observations = _observations(policy, images, OBSERVATIONS)
     processor = policy.processor
     counter = iter(range(10**9))
     tokenize_ms = _median_ms(lambda: processor.encode_instruction(f"open the drawer {next(counter)}"), device, repeats)
     tokenize_cached_ms = _median_ms(lambda: processor.encode_instruction("open the drawer"), device, repeats)
-    with torch.inference_mode():
-        llm_ms = _median_ms(lambda: policy.predict_action_chunk(observation), device, repeats)
-        policy.use_prefix_cache = True  # the system prefix's K/V reused across steps
-        llm_prefix_ms = _median_ms(lambda: policy.predict_action_chunk(observation), device, repeats)
-        policy.use_prefix_cache = False
-        backbone_ms = None
-        if images:
-            frame = torch.rand(1, 3, config.image_size, config.image_size, generator=generator).to(device)
-            backbone_ms = _median_ms(lambda: policy.encode_images(frame), device, repeats)
-            step_observation = {f"observation.images.{cam}": frame for cam in config.cameras}
-            step_observation["task"] = observation["task"]
-            if config.state_names:
-                step_observation["observation.state"] = observation["observation.state"]
-        else:
-            step_observation = observation
-        policy.reset()
-        steps = []
-        for _ in range(chunks * config.actions_per_chunk):
-            _sync(device)
-            start = time.perf_counter()
-            policy.select_action(step_observation)
-            _sync(device)
-            steps.append((time.perf_counter() - start) * 1000.0)
-        policy.reset()
-    prompt = processor.encode_instruction(observation["task"][0])
-    sequence = len(prompt.prefix) + len(prompt.suffix) + 1 + config.tokens_per_camera * len(config.cameras)
-    return {
+    chunk_ms: dict[str, list[float]] = {way: [] for way in WAYS}
+    step_mean: dict[str, list[float]] = {way: [] for way in WAYS}
+    step_max: dict[str, list[float]] = {way: [] for way in WAYS}
+    new_instruction_ms = []
+    max_abs_diff = 0.0
+    for way in WAYS:  # warm-up (first calls allocate; the reuse way builds its prefix K/V)
+        _use(policy, way)
+        policy.predict_action_chunk(observations[0])
+    calls = iter(range(10**9))
+    for _ in range(repeats):
+        for way in WAYS:
+            _use(policy, way)
+            times = [
+                _timed_ms(device, policy.predict_action_chunk, observations[next(calls) % OBSERVATIONS])
+                for _ in range(CALLS_PER_ROUND)
+            ]
+            chunk_ms[way].append(statistics.median(times))
+            policy.reset()
+            steps = []
+            for i in range(chunks * config.actions_per_chunk):
+                steps.append(_timed_ms(device, policy.select_action, observations[i % OBSERVATIONS]))
+            policy.reset()
+            step_mean[way].append(sum(steps) / len(steps))
+            step_max[way].append(max(steps))
+        # The first prediction after a new instruction (the reuse way computes that instruction's prefix then).
+        _use(policy, "reuse")
+        fresh = dict(observations[0], task=[f"open the drawer {next(counter)}"])
+        new_instruction_ms.append(_timed_ms(device, policy.predict_action_chunk, fresh))
+    for obs in observations:
+        _use(policy, "full")
+        full = policy.predict_action_chunk(obs)
+        _use(policy, "reuse")
+        max_abs_diff = max(max_abs_diff, float((policy.predict_action_chunk(obs) - full).abs().max()))
+    backbone_ms = None
+    if images:
+        frame = observations[0][f"observation.images.{config.cameras[0]}"]
+        backbone_ms = _median_ms(lambda: policy.encode_images(frame), device, repeats)
+    prompt = processor.encode_instruction(observations[0]["task"][0])
+    visual = config.tokens_per_camera * len(config.cameras)
+    sequence = len(prompt.prefix) + len(prompt.suffix) + len(config.cameras) - 1 + int(bool(config.state_names))
+    sequence += visual + 1
+    reused = len(prompt.prefix) + (len(prompt.suffix) if config.instruction_first else 0)
+
+    def med(values: list[float], digits: int = 3) -> float:
+        return round(statistics.median(values), digits)
+
+    result = {
         "llm_layers": policy.llm.config.num_hidden_layers,
         "llm_hidden": policy.llm.config.hidden_size,
         "llm_params_m": round(sum(p.numel() for p in policy.llm.parameters()) / 1e6, 2),
+        "instruction_first": bool(config.instruction_first),
         "sequence_tokens": sequence,
-        "visual_tokens": config.tokens_per_camera * len(config.cameras),
+        "visual_tokens": visual,
+        "prefix_tokens": len(prompt.prefix),
+        "reused_tokens": reused,
+        "step_tokens": sequence - reused,
         "chunk_size": config.chunk_size,
         "actions_per_chunk": config.actions_per_chunk,
+        "rounds": repeats,
         "tokenize_ms": round(tokenize_ms, 3),
         "tokenize_cached_ms": round(tokenize_cached_ms, 4),
-        "prefix_tokens": len(prompt.prefix),
-        "llm_forward_ms": round(llm_ms, 3),
-        "llm_forward_prefix_cached_ms": round(llm_prefix_ms, 3),
         "backbone_ms": None if backbone_ms is None else round(backbone_ms, 3),
-        "step_ms_amortised": round(sum(steps) / len(steps), 3),
-        "step_ms_max": round(max(steps), 3),
-        "step_ms_min": round(min(steps), 4),
-        "max_control_rate_hz": round(1000.0 / (sum(steps) / len(steps)), 1),
+        "new_instruction_ms": med(new_instruction_ms),
+        "max_abs_diff": max_abs_diff,
     }
+    for way in WAYS:
+        result[way] = {
+            "chunk_ms": med(chunk_ms[way]),
+            "step_ms_amortised": med(step_mean[way]),
+            "step_ms_max": med(step_max[way]),
+            "max_control_rate_hz": round(1000.0 / statistics.median(step_mean[way]), 1),
+        }
+    result["speedup"] = {
+        "chunk": round(statistics.median(f / r for f, r in zip(chunk_ms["full"], chunk_ms["reuse"])), 2),
+        "step_amortised": round(statistics.median(f / r for f, r in zip(step_mean["full"], step_mean["reuse"])), 2),
+    }
+    _use(policy, "reuse")
+    return result
 
 
 def run_vla_benchmark(args) -> int:
@@ -150,30 +214,46 @@ def run_vla_benchmark(args) -> int:
         raise UserError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
     if args.checkpoint and not Path(args.checkpoint).is_dir():
         raise UserError(f"--checkpoint {args.checkpoint}: no such policy directory")
+    labels = [args.checkpoint] if args.checkpoint else [p.strip() for p in args.preset.split(",") if p.strip()]
+    if not labels:
+        raise UserError("--preset names no preset")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     console = Console()
-    label = args.checkpoint or args.preset
-    with user_errors(ValueError), console.status(f"building the {label} policy"):
-        policy = build_bench_policy(args.preset, args.checkpoint, device, args.dtype, args.images)
-    console.print(
-        f"[bold]bench vla[/] policy={label} device={device} dtype={args.dtype} threads={torch.get_num_threads()}"
-    )
-    with console.status("timing"):
-        result = benchmark_vla(policy, repeats=args.repeats, chunks=args.chunks, images=args.images)
-    table = Table(title=f"VLA latency ({device}, {label})")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for key, value in result.items():
-        table.add_row(key, "-" if value is None else str(value))
+    console.print(f"[bold]bench vla[/] device={device} dtype={args.dtype} threads={torch.get_num_threads()}")
+    results = {}
+    for label in labels:
+        with user_errors(ValueError), console.status(f"building the {label} policy"):
+            policy = build_bench_policy(label, args.checkpoint, device, args.dtype, args.images)
+        with console.status(f"timing {label} ({args.repeats} rounds, full and reuse alternating)"):
+            results[label] = benchmark_vla(policy, repeats=args.repeats, chunks=args.chunks, images=args.images)
+        del policy
+    table = Table(title=f"VLA control step, ms ({device_label(device)}, {args.dtype}; median of {args.repeats} rounds)")
+    for column in ("policy", "measure", "full prompt", "prefix reused", "speed-up"):
+        table.add_column(column, justify="left" if column in ("policy", "measure") else "right")
+    for label, r in results.items():
+        table.add_row(label, "chunk (runs the LLM)", str(r["full"]["chunk_ms"]), str(r["reuse"]["chunk_ms"]),
+                      f"{r['speedup']['chunk']:.2f}x")  # fmt: skip
+        table.add_row("", "step, amortised", str(r["full"]["step_ms_amortised"]),
+                      str(r["reuse"]["step_ms_amortised"]), f"{r['speedup']['step_amortised']:.2f}x")  # fmt: skip
+        table.add_row("", "step, worst", str(r["full"]["step_ms_max"]), str(r["reuse"]["step_ms_max"]), "")
+        table.add_row("", "LLM tokens per chunk", str(r["sequence_tokens"]), str(r["step_tokens"]), "")
+        table.add_row("", "new instruction (first chunk)", "", str(r["new_instruction_ms"]), "", end_section=True)
     console.print(table)
+    for label, r in results.items():
+        extra = f", backbone {r['backbone_ms']} ms" if r["backbone_ms"] is not None else ""
+        console.print(
+            f"{label}: {r['llm_layers']} layers x {r['llm_hidden']}, instruction_first={r['instruction_first']}, "
+            f"largest action difference {r['max_abs_diff']:.1e}, tokenize {r['tokenize_ms']} ms "
+            f"(cached {r['tokenize_cached_ms']} ms){extra}"
+        )
     report = {
         "device": device_label(device),
-        "policy": label,
         "dtype": args.dtype,
         "images": bool(args.images),
-        "results": result,
+        "threads": torch.get_num_threads(),
+        "results": results,
     }
     write_json_report(report, args.json_path, console)
     return 0

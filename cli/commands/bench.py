@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_stream)
 
     # --- vla (omnistream_vla) ---
-    p = group.add_parser("vla", help="VLA policy latency: per control step, per LLM forward, amortised over a chunk")
-    p.add_argument("--preset", default="debug", help="debug | qwen2.5-0.5b | ... (random weights of that shape)")
+    p = group.add_parser("vla", help="VLA policy latency per control step: the full prompt vs the reused prefix")
+    p.add_argument("--preset", default="debug,demo",
+                   help="debug | demo | qwen2.5-0.5b | ..., comma-separated (random weights of that shape)")  # fmt: skip
     p.add_argument("--checkpoint", default=None, help="time a policy directory instead of a random preset")
     p.add_argument("--images", action="store_true", help="include the backbone (raw images, as in-process sim)")
     p.add_argument("--dtype", default="float32", help="LLM dtype: float32|bfloat16|float16 (default float32)")
