@@ -19,7 +19,7 @@ from omnistream_sim.calvin import (
     run_evaluation,
     summarize_records,
 )
-from omnistream_sim.calvin.protocol import evaluate_chain
+from omnistream_sim.calvin.protocol import evaluate_chain, to_observation
 from omnistream_sim.calvin.sequences import chains_from_json
 from omnistream_sim.policies import RandomPolicy
 from omnistream_sim.report import load_results
@@ -136,6 +136,15 @@ def test_full_chain_and_default_episode_length(instructions):
     none = next(c for c in CHAINS if completions_for(c.index) == 0)
     record, _ = evaluate_chain(env, LoggingPolicy(env.log), oracle, none, instructions)
     assert record["completed"] == 0 and record["steps"] == [EP_LEN] == [360]
+
+
+def test_observations_name_the_cameras_as_training_does():
+    from omnistream_sim.calvin.cameras import CAMERAS
+    from omnistream_train.calvin_to_lerobot import CAMERAS as CONVERTER_CAMERAS
+
+    obs = to_observation(ScriptedCalvinEnvDouble(CHAINS)._obs(), "open the drawer")
+    assert set(obs["images"]) == {"static", "gripper"} == set(CAMERAS) == set(CONVERTER_CAMERAS)
+    assert obs["images"]["gripper"].shape == (4, 4, 3)  # rgb_gripper, the hand camera
 
 
 def test_metrics_arithmetic():

@@ -48,16 +48,29 @@ def test_paper_plan_on_8_x_80gb_needs_sharding_and_a_streamed_data_path():
     assert sum(state) < sum(replicated[k] for k in ("parameters", "gradients", "optimizer")) / 4
     # the in-RAM data path grows with the frames, the streamed one only by its frame index
     small = plan_vla(VLATrainConfig.from_preset("paper"), 8, "80GB", frames=20 * 500)
-    assert not plan.host_fits("in-RAM (today)") and plan.host_fits("streamed")
-    assert plan.host["in-RAM (today)"]["total"] / small.host["in-RAM (today)"]["total"] == pytest.approx(105)
+    assert not plan.host_fits("in-memory") and plan.host_fits("streamed")
+    assert plan.host["in-memory"]["total"] / small.host["in-memory"]["total"] == pytest.approx(105)
     assert plan.host["streamed"]["total"] / small.host["streamed"]["total"] < 1.1
 
 
 def test_more_gpus_shrink_only_the_sharded_state():
-    two = plan_vla(VLATrainConfig.from_preset("paper"), 2, "80GB")
+    # the global batch of 128 as 8 per GPU: accumulation 8 on 2 GPUs, 2 on 8 GPUs (the recipe)
+    two = plan_vla(VLATrainConfig.from_preset("paper", grad_accum=8), 2, "80GB")
     eight = plan_vla(VLATrainConfig.from_preset("paper"), 8, "80GB")
+    assert two.micro_batch == eight.micro_batch == 8
     assert two.per_gpu["replicated"]["total"] == eight.per_gpu["replicated"]["total"]
     assert eight.per_gpu["fsdp2"]["optimizer"] == pytest.approx(two.per_gpu["fsdp2"]["optimizer"] / 4)
+
+
+def test_the_batch_is_global_and_must_divide_over_gpus_and_accumulation(capsys):
+    plan = plan_vla(VLATrainConfig.from_preset("paper"), 8, "80GB")
+    assert plan.micro_batch == 8  # 128 = 8 per GPU x 8 GPUs x accumulation 2 (paper C.4 Table 13)
+    assert plan.tokens == 196 + 64 + 16 + 1  # 224 px unpooled (14 x 14 patches), instruction, template, query
+    assert plan_vla(VLATrainConfig.from_preset("paper", grad_accum=1), 8, "80GB").micro_batch == 16
+    with pytest.raises(ValueError, match="multiple of GPUs x accumulation"):
+        plan_vla(VLATrainConfig.from_preset("paper"), 3, "80GB")
+    assert main(["train", "vla", "--preset", "paper", "--plan", "--nproc", "3"]) == 2
+    assert "multiple of GPUs x accumulation" in capsys.readouterr().err
 
 
 def test_cli_plan_prints_the_table(capsys):

@@ -5,6 +5,8 @@
 * ``random_patch_masks``: images, DINOv2/iBOT style (a random subset of patches per view).
 * ``multiblock_masks``: videos, V-JEPA's multi-block protocol (a few rectangles of the patch grid, the
   same in every frame, so a masked region cannot be copied from the neighbouring frame).
+* ``random_shift``: VLA finetuning (the VLM4VLA recipe's random shift): each image moved by a whole number of
+  pixels, the uncovered border filled with the edge pixels.
 """
 
 from __future__ import annotations
@@ -95,3 +97,21 @@ def multiblock_masks(
 def rope_coordinate_scale(gen: torch.Generator) -> tuple[float, float]:
     """RoPE coordinate rescaling for training: (exp(U(-ln2, ln2)), exp(U(-ln2, ln2))) for (time, space)."""
     return (math.exp(_uniform(gen, -math.log(2), math.log(2))), math.exp(_uniform(gen, -math.log(2), math.log(2))))
+
+
+def random_shift(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H, W): image i moved by (dy, dx), each drawn uniformly from the integers in
+    [-pad, pad] (independently per image and axis); pixels moved in from outside repeat the nearest edge pixel
+    (replicate padding by ``pad``, then a crop of the original size at the drawn offset). ``pad`` 0 = unchanged.
+
+    The recipe applies it to the resized (224 px) frames, pad 10 for the static camera and 4 for the gripper
+    camera (VLM4VLA public code, CALVIN config); normalisation before or after does not matter (it is per
+    channel, and the shift only copies pixels)."""
+    if pad < 0:
+        raise ValueError(f"random shift pad must be >= 0, got {pad}")
+    if pad == 0:
+        return images
+    b, _, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, top : top + h, left : left + w] for i, (top, left) in enumerate(offsets)])

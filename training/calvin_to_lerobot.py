@@ -10,8 +10,11 @@ CALVIN's split folder (e.g. ``task_ABC_D/training``) holds:
 
 Each annotated window becomes one LeRobot episode with its instruction as task. Without annotations
 (``use_language=False``) every recording in ``ep_start_end_ids.npy`` is one episode with ``default_task``.
-Features: ``observation.images.static`` / ``.gripper`` (video), ``observation.state`` (robot_obs, 15),
+Features: ``observation.images.static`` / ``.gripper`` (video; the camera names of
+``omnistream_sim.calvin.cameras``, which the CALVIN evaluation uses too), ``observation.state`` (robot_obs, 15),
 ``action`` (rel_actions by default, or the absolute ``actions``), with CALVIN's gripper sign (+1 open, -1 close).
+``meta/info.json`` records the source under ``"omnistream"`` (``{"source": "calvin", "action_key": ...}``), so
+``train vla`` gives the converted relative actions the CALVIN bounds (+-0.65) and units, as for the split itself.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from omnistream_sim.calvin.cameras import CAMERAS
+
 from .lerobot_dataset import LeRobotDatasetWriter
 
 CALVIN_FPS = 30  # CALVIN's control rate (frames are recorded at every control step)
-CAMERAS = {"static": "rgb_static", "gripper": "rgb_gripper"}
+SOURCE = "calvin"  # info.json "omnistream" -> "source" of a converted split (read by omnistream_train.vla)
 ROBOT_OBS_NAMES = [
     "tcp_x", "tcp_y", "tcp_z", "tcp_roll", "tcp_pitch", "tcp_yaw", "gripper_width",
     *[f"joint_{i}" for i in range(1, 8)], "gripper_action",
@@ -99,7 +104,8 @@ def convert_calvin(split_dir: Path, out: Path, cfg: CalvinConversionConfig, over
     if len(first["robot_obs"]) == len(ROBOT_OBS_NAMES):
         features["observation.state"]["names"] = ROBOT_OBS_NAMES
     features["action"] = {"dtype": "float32", "shape": [len(first[cfg.action_key])], "names": ACTION_NAMES}
-    writer = LeRobotDatasetWriter(out, fps=cfg.fps, features=features, robot_type="franka_calvin", overwrite=overwrite)
+    writer = LeRobotDatasetWriter(out, fps=cfg.fps, features=features, robot_type="franka_calvin", overwrite=overwrite,
+                                  omnistream_info={"source": SOURCE, "action_key": cfg.action_key})  # fmt: skip
     frames = 0
     for start, end, task in tqdm(windows, desc="CALVIN episodes", unit="episode"):
         if end < start:

@@ -108,16 +108,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resume_checkpoint(resume: str | Path, modules: dict[str, torch.nn.Module], optimizer, world_size: int) -> int:
+def resume_checkpoint(
+    resume: str | Path, modules: dict[str, torch.nn.Module], optimizer, world_size: int, grad_accum: int = 1
+) -> int:
     """Loads what ``--resume`` names (a checkpoint, or a run directory: its latest checkpoint) into ``modules`` and
-    ``optimizer`` and returns its step; ValueError when another number of processes wrote it (the data order and
-    the optimiser state are per process)."""
+    ``optimizer`` and returns its step; ValueError when another number of processes (or another accumulation)
+    wrote it (the data order and the optimiser state are per process)."""
     path = Path(resume)
     if not (path / STATE_NAME).is_file():
         path = latest_checkpoint(path / "checkpoints") or path
     scalars = load_checkpoint(path, modules, optimizer)
     if scalars.get("world_size", 1) != world_size:
         raise ValueError(f"{path} was written by {scalars['world_size']} processes; resume with as many")
+    if scalars.get("grad_accum", 1) != grad_accum:
+        raise ValueError(f"{path} was written with accumulation {scalars['grad_accum']}; resume with the same")
     return int(scalars["step"])
 
 

@@ -177,6 +177,24 @@ class LeRobotDataset:
         start = self._row_of_episode_start[episode_index]
         return start, start + int(self._episode_by_index[episode_index]["length"])
 
+    def numeric(self, key: str) -> np.ndarray:
+        """Every row of a numeric feature, (frames, ...) float32 (no video is decoded)."""
+        if key not in self._columns:
+            raise ValueError(f"{key!r} is not a numeric feature of {self.root}; have {self.numeric_keys}")
+        return self._columns[key]
+
+    def task_of(self, episode_index: int) -> str:
+        """The instruction of an episode's first frame."""
+        start, _ = self.episode_frames(episode_index)
+        return self.meta.task_names[int(self.frames["task_index"].iat[start])]
+
+    def camera_frame(self, key: str, row: int) -> np.ndarray:
+        """Camera ``key`` of dataset row ``row`` as (H, W, 3) uint8, decoding only that camera."""
+        episode, frame_index = int(self._episode_of_row[row]), int(self._frame_of_row[row])
+        if key in self.meta.video_keys:
+            return self._video_frame(key, episode, frame_index)
+        return _decode_parquet_image(self.frames[key].iat[row])
+
     def _video_frame(self, key: str, episode_index: int, frame_index: int) -> np.ndarray:
         """One decoded frame. Frames are decoded in blocks of ``video_block_s`` seconds (the writer's key-frame
         interval), cached LRU: sequential reads decode each frame once, random reads decode at most a block

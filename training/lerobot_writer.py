@@ -79,7 +79,10 @@ class LeRobotDatasetWriter:
         data_files_size_in_mb: float = DEFAULT_DATA_FILE_MB,
         video_files_size_in_mb: float = DEFAULT_VIDEO_FILE_MB,
         overwrite: bool = False,
+        omnistream_info: dict[str, Any] | None = None,
     ):
+        """``omnistream_info``: our own facts about the data (e.g. what a converter read), written to
+        ``meta/info.json`` under ``"omnistream"`` (LeRobot reads info.json as a dict and ignores the key)."""
         self.root = Path(root)
         if not isinstance(fps, int) or fps <= 0:
             raise ValueError(f"fps must be a positive integer, got {fps!r}")
@@ -89,6 +92,7 @@ class LeRobotDatasetWriter:
             shutil.rmtree(self.root)
         self.fps = fps
         self.robot_type = robot_type
+        self.omnistream_info = dict(omnistream_info) if omnistream_info else None
         self.video_codec = video_codec
         self.crf = crf
         self.preset = preset
@@ -370,6 +374,8 @@ class LeRobotDatasetWriter:
             "video_path": VIDEO_PATH if self.video_keys else None,
             "features": {**self.features, **DEFAULT_FEATURES},
         }
+        if self.omnistream_info:
+            info["omnistream"] = self.omnistream_info
         (self.root / "meta" / "info.json").write_text(json.dumps(info, indent=4))
         self._finalized = True
         return self.root

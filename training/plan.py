@@ -15,9 +15,10 @@ micro-batch. Three schemes per GPU:
 Activations (bf16, SDPA attention: no score matrix) per token and decoder layer: the two RMSNorm inputs kept in
 fp32, the normalised inputs, q/k/v, the attention output and the SwiGLU MLP's four intermediate tensors; with
 activation checkpointing only each layer's input is kept, plus one layer's activations during recomputation.
-The data path: what ``train vla`` holds in host RAM today (every frame's images as uint8 and its features as
-fp32, in every process) against a streamed path (workers reading windows on demand, features memory-mapped in
-bf16 on disk), whose resident memory does not grow with the dataset but for an index of the frames.
+The data path: what ``train vla --set data="memory"`` holds in host RAM (every frame's images as uint8 and its
+features as fp32, in every process) against ``data="streamed"`` (the ``paper`` preset's: loader workers reading
+frames on demand, features memory-mapped in float16 on disk, ``omnistream_train.vla_data``), whose resident memory
+does not grow with the dataset but for an index of the frames.
 """
 
 from __future__ import annotations
@@ -164,7 +165,8 @@ def plan_vla(
 ) -> MemoryPlan:
     """Per-GPU and host memory of training ``config`` (a ``VLATrainConfig``) on ``nproc`` GPUs.
 
-    ``config.batch_size`` is the per-GPU micro-batch (the recipe: 8 per GPU, appendix C.4)."""
+    ``config.batch_size`` is the global batch: each GPU's micro-batch is ``batch_size / (nproc x grad_accum)``
+    (the recipe: 128 = 8 per GPU x 8 GPUs x accumulation 2, appendix C.4)."""
     from omnistream_perception.model import OmniStreamConfig
     from omnistream_vla.policy.configuration_omnistream_vla import OmniStreamVLAConfig
 
@@ -175,7 +177,13 @@ def plan_vla(
     grid = policy.image_size // 16
     visual = len(config.cameras) * (-(-grid // policy.pool)) ** 2
     tokens = visual + policy.max_instruction_tokens + TEMPLATE_TOKENS + 1
-    micro = config.batch_size
+    slots = nproc * config.grad_accum
+    if config.batch_size % slots:
+        raise ValueError(
+            f"the global batch {config.batch_size} must be a multiple of GPUs x accumulation = {nproc} x "
+            f"{config.grad_accum} (set --batch-size or --grad-accum)"
+        )
+    micro = config.batch_size // slots
     acts = activation_bytes(c, micro * tokens, activation_checkpointing)
     n = nproc
     trained, held, frozen = c.trained, c.llm_held, c.backbone
@@ -206,7 +214,7 @@ def plan_vla(
     # host memory of the data path, all processes of one machine (nproc per node)
     pixels = sum(CAMERA_PIXELS.get(cam, policy.image_size**2) for cam in config.cameras)
     tokens_per_frame = visual * OmniStreamConfig.preset(config.backbone_preset).hidden_size
-    plan.host["in-RAM (today)"] = {
+    plan.host["in-memory"] = {
         "images": n * frames * pixels * 3,
         "features": n * frames * tokens_per_frame * 4,
         "total": 0,
@@ -220,7 +228,7 @@ def plan_vla(
     }
     for row in plan.host.values():
         row["total"] = sum(v for k, v in row.items() if k != "total")
-    plan.host["streamed"]["bf16 feature cache on disk (page cache, evictable)"] = frames * tokens_per_frame * 2
+    plan.host["streamed"]["float16 feature cache on disk (page cache, evictable)"] = frames * tokens_per_frame * 2
     return plan
 
 

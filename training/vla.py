@@ -1,16 +1,23 @@
 """VLA finetuning (paper C.4, VLM4VLA recipe): ``omnistream train vla``.
 
-The backbone is frozen and nothing augments the images, so each frame's pooled patch tokens are computed
-ONCE (progress bar) and training runs on cached features: the same gradients as running the frozen backbone
-every step, for a fraction of the cost. Trained: the projector (its own group, lr 1e-4), the LLM with its text
-embeddings, the action query and the action head (lr 2e-5); Adam, warm-up + cosine, gradient clip 1.0,
-bf16 autocast where the device supports it. Action statistics are computed from the dataset and saved with
-the policy (``normalization.safetensors``) and as ``<out>/action_stats.json``. ``init_vlm`` (``--init-vlm``) starts
-the projector and LLM from the VLM stage (``omnistream_train.vlm``) instead of the preset's random LLM.
+The backbone is frozen, so without augmentation each frame's pooled patch tokens are computed ONCE (progress
+bar) and training runs on cached features: the same gradients as running the frozen backbone every step, for a
+fraction of the cost. With ``random_shift`` (the recipe's augmentation, on in ``paper``) the frames of every
+batch are shifted and go through the backbone at each step. Trained: the projector (its own group, lr 1e-4),
+the LLM with its text embeddings, the action query and the action head (lr 2e-5); Adam, warm-up then cosine
+(``lr_schedule="constant"``: the recipe's constant rate after the warm-up), gradient clip 1.0, bf16 autocast
+where the device supports it. ``batch_size`` is the GLOBAL batch: each rank's micro-batch is
+``batch_size / (processes x grad_accum)``. ``data="streamed"`` (the ``paper`` preset) reads frames on demand
+and caches the features on disk (``omnistream_train.vla_data``) instead of holding every frame in memory, in
+the same batch order. Action statistics are computed from the dataset and saved with the policy
+(``normalization.safetensors``) and as ``<out>/action_stats.json``. ``init_vlm`` (``--init-vlm``) starts the
+projector and LLM from the VLM stage (``omnistream_train.vlm``) instead of the preset's random LLM.
 
 Datasets (detected from the directory):
 * LeRobot v3 (``meta/info.json``), read with ``omnistream_train.lerobot_dataset``;
-* CALVIN splits (``lang_annotations/auto_lang_ann.npy`` or ``ep_start_end_ids.npy`` + ``episode_XXXXXXX.npz``);
+* CALVIN splits (``lang_annotations/auto_lang_ann.npy`` or ``ep_start_end_ids.npy`` + ``episode_XXXXXXX.npz``;
+  cameras ``static`` / ``gripper`` as in ``omnistream_sim.calvin.cameras``); a LeRobot dataset converted from one
+  (``calvin_to_lerobot``) gets the same action bounds and units;
 * tabletop demonstrations (``index.json`` + ``episode_XXXXXX.npz`` from ``omnistream_sim.tabletop``).
 """
 
@@ -35,9 +42,12 @@ from .distributed import (
     DistributedContext,
     average_gradients,
     broadcast_parameters,
+    data_slot,
+    data_slots,
     gather_strings,
     init_distributed,
     mean_across_ranks,
+    micro_batch,
     shutdown_distributed,
     weights_digest,
 )
@@ -89,11 +99,52 @@ class VLATrainConfig:
     # Start from a VLM (``omnistream train vlm`` output, the recipe's way): its LLM, tokenizer and projector
     # (+ visual positions) replace the preset's random ones; the policy architecture must match the VLM's.
     init_vlm: str | None = None
+    # Say loudly (a WARNING block, ``summary.json`` "recipe_warnings") when started without ``init_vlm``.
+    require_vlm: bool = False
+    # Opt-in to train on a random backbone of a published size (no ``backbone``): refused otherwise, since the
+    # run would look like a real one but learn from random features. The debug backbone needs no opt-in.
+    random_backbone: bool = False
+    # Micro-batches accumulated per optimiser step (``batch_size`` stays the global batch).
+    grad_accum: int = 1
+    # "cosine": linear warm-up, then cosine down to min_lr_ratio; "constant": linear warm-up, then constant.
+    lr_schedule: str = "cosine"
+    warmup_epochs: float | None = None  # warm-up in epochs of the dataset (replaces warmup_steps when set)
+    # "default": PyTorch's Linear initialisation; "xavier": Xavier-uniform weights and zero biases in the head.
+    head_init: str = "default"
+    # Random-shift augmentation: pad in pixels of the resized frames, one int for every camera or {camera: pad};
+    # 0 = off. On, the frames of each batch are shifted and encoded at every step (no feature cache for training).
+    random_shift: Any = 0
+    # "memory": every frame's images and features in every process (debug, demo); "streamed": an index in memory,
+    # images read on demand by ``loader_workers`` worker processes, features cached on disk in float16 and
+    # memory-mapped (omnistream_train.vla_data): host memory that does not grow with the dataset.
+    data: str = "memory"
+    loader_workers: int = 2
+    feature_cache: str | None = None  # streamed features directory (default <out>/feature_cache; reused if valid)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> VLATrainConfig:
         presets: dict[str, dict[str, Any]] = {
-            "paper": dict(policy_preset="qwen2.5-7b", backbone_preset="large", batch_size=8, max_steps=None, epochs=5),
+            # The recipe (paper C.4 Table 13, ../shared/specs/simulators.md, VLM4VLA public code's CALVIN config);
+            # Adam lr 2e-5, projector 1e-4, clip 1.0, min_max bounds +-0.65 and chunk 10 are the class defaults
+            # and the qwen2.5 policy presets. Not the recipe: fp32 master weights + bf16 autocast, replicated over
+            # the ranks (the paper: bf16 with DeepSpeed ZeRO-2), see training/README.md.
+            "paper": dict(
+                policy_preset="qwen2.5-7b", backbone_preset="large",
+                batch_size=128, grad_accum=2,  # Table 13: 8 per GPU x 8 GPUs x accumulation 2
+                max_steps=None, epochs=5,  # Table 13
+                lr_schedule="constant", warmup_epochs=0.25,  # public code: constant after a 0.25-epoch warm-up
+                head_init="xavier",  # public code: the action head's Linear layers Xavier-uniform, biases zero
+                random_shift={"static": 10, "gripper": 4},  # public code: rgb_pad 10, gripper_pad 4
+                data="streamed", loader_workers=4,  # CALVIN ABC's 1 M frames do not fit in host memory
+                require_vlm=True,  # paper C.4: the VLA starts from the OmniStream VLM (C.3)
+                policy_overrides={
+                    # public code: the prompt ends with the instruction (no "?")
+                    "prompt_template": "What action should the robotic arm take to {instruction}",
+                    # paper C.3: the VLM's image input is unpooled (512 px -> 1024 tokens); 2x2 pooling is for
+                    # video frames only, and the VLA sees one image per step
+                    "pool": 1,
+                },
+            ),
             # tiny models learn at larger rates than the recipe's 2e-5 / 1e-4 (which are for a 7B LLM)
             # 128 px frames (4x4 pooled tokens): at 64 px (2x2 tokens) the arm's phase is hard to tell apart
             "debug": dict(batch_size=32, max_steps=600, lr=2e-3, projector_lr=2e-3, warmup_steps=30, min_lr_ratio=0.01,
@@ -111,7 +162,51 @@ class VLATrainConfig:
         }  # fmt: skip
         if name not in presets:
             raise ValueError(f"unknown VLA preset {name!r}; choose one of {sorted(presets)}")
-        return apply_overrides(cls(**presets[name]), overrides)
+        config = apply_overrides(cls(**presets[name]), overrides)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.warmup_epochs is not None and self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.head_init not in ("default", "xavier"):
+            raise ValueError(f"head_init must be 'default' or 'xavier', got {self.head_init!r}")
+        if self.data not in ("memory", "streamed"):
+            raise ValueError(f"data must be 'memory' or 'streamed', got {self.data!r}")
+        if self.loader_workers < 0:
+            raise ValueError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        pads = self.shift_pads()
+        if any(pads.values()) and self.features != "frame":
+            raise ValueError(
+                "random_shift needs features='frame' (features='stream' encodes each episode once, through the KV cache)"
+            )
+
+    def shift_pads(self) -> dict[str, int]:
+        """Random-shift pad per training camera (0 = none); a clear error for a malformed ``random_shift``."""
+        spec = self.random_shift or 0
+        # a pad for a camera this run does not read (the recipe's gripper pad with the static camera) is unused
+        pads = (
+            {cam: spec.get(cam, 0) for cam in self.cameras}
+            if isinstance(spec, dict)
+            else dict.fromkeys(self.cameras, spec)
+        )
+        if any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pads.values()):
+            raise ValueError(f"random_shift must be a pad >= 0 in pixels or {{camera: pad}}, got {self.random_shift!r}")
+        return pads
+
+    def check_backbone(self) -> None:
+        """No ``backbone`` and a published-size backbone preset: refuse unless ``random_backbone`` opts in."""
+        if self.backbone or self.random_backbone or self.backbone_preset == "debug":
+            return
+        raise ValueError(
+            f"no --backbone given: this preset would train on the features of a randomly initialised "
+            f"'{self.backbone_preset}' ViT; pass --backbone DIR (an OmniStream checkpoint), or --random-backbone "
+            "to train on random features on purpose"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -170,14 +265,17 @@ def _lerobot_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
 
 
 def _calvin_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
+    from omnistream_sim.calvin.cameras import calvin_key
+
     from .calvin_to_lerobot import CalvinConversionConfig, calvin_windows
 
+    keys = {cam: calvin_key(cam) for cam in cameras}  # the evaluation's camera names (static, gripper)
     use_language = (root / "lang_annotations" / "auto_lang_ann.npy").is_file()
     windows = calvin_windows(root, CalvinConversionConfig(use_language=use_language, default_task="do the task"))
     episodes = []
     for start, end, text in windows:
         frames = [np.load(root / f"episode_{i:07d}.npz") for i in range(start, end + 1)]
-        images = {cam: np.stack([f[f"rgb_{cam}"] for f in frames]) for cam in cameras}
+        images = {cam: np.stack([f[key] for f in frames]) for cam, key in keys.items()}
         actions = np.stack([f["rel_actions"].astype(np.float32) for f in frames])
         episodes.append(EpisodeData(images, actions, text))
     return episodes
@@ -271,6 +369,24 @@ def _precision(config: VLATrainConfig, device: torch.device) -> torch.dtype | No
 FORMAT_BOUNDS = {"tabletop": (-1.0, 1.0), "calvin": (-0.65, 0.65)}
 
 
+def action_source(root: str | Path, kind: str) -> str:
+    """The format whose actions a dataset holds (for the bounds and the action convention): a LeRobot dataset
+    converted from CALVIN's relative actions (``calvin_to_lerobot`` records it in ``meta/info.json``) is
+    ``calvin``, like the split it came from; otherwise ``kind``."""
+    if kind != "lerobot":
+        return kind
+    import sys
+
+    info = json.loads((Path(root) / "meta" / "info.json").read_text())
+    source = info.get("omnistream") or {}
+    if source.get("source") == "calvin":
+        return "calvin" if source.get("action_key") == "rel_actions" else kind
+    if info.get("robot_type") == "franka_calvin":  # converted before the source was recorded
+        print(f"warning: {root} looks converted from CALVIN but does not record which actions; its actions get "
+              "the dataset's statistics: convert it again, or --set 'action_bounds=[-0.65,0.65]'", file=sys.stderr)  # fmt: skip
+    return kind
+
+
 def resolve_bounds(config: VLATrainConfig, kind: str) -> tuple[float, float] | None:
     if config.action_bounds == "auto":
         return FORMAT_BOUNDS.get(kind)
@@ -345,6 +461,35 @@ def build_policy(
 
 
 @torch.no_grad()
+def _frame_tokens(policy, frames, batch: int) -> list[torch.Tensor]:
+    """One camera's frames of one episode, each alone, ``batch`` at a time: float32 (b, n, D) pieces."""
+    return [policy.encode_images(frames[s : s + batch]).float().cpu() for s in range(0, len(frames), batch)]
+
+
+def _streamed_tokens(session, frames) -> list[torch.Tensor]:
+    """One camera's frames of one episode through ``session`` (reset first), as perception_node streams them."""
+    session.reset()
+    out = []
+    for frame in frames:
+        rgb = np.asarray(frame)
+        if rgb.dtype != np.uint8:  # (3, H, W) float in [0, 1]
+            rgb = (np.clip(rgb.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+        tokens = session.process(rgb, want_depth=False, want_pose=False).patch_tokens
+        out.append(torch.from_numpy(tokens.reshape(1, -1, tokens.shape[-1])))
+    return out
+
+
+def _stream_session(policy, backbone: str | None):
+    from omnistream_perception.perception import PerceptionConfig, PerceptionSession
+
+    if backbone is None or not Path(backbone).is_dir():
+        raise ValueError("features='stream' needs the backbone as a checkpoint directory (--backbone DIR)")
+    # the node's settings for this policy (see omnistream_cli.policies.RosPolicy): resize to the policy's image
+    # size, its pooling, float32 tokens, the whole episode in the cache
+    return PerceptionSession.from_config(PerceptionConfig(**policy.config.perception_settings(str(backbone))))
+
+
+@torch.no_grad()
 def cache_features(
     policy, episodes: list[EpisodeData], cameras: list[str], batch: int, progress: bool
 ) -> dict[str, torch.Tensor]:
@@ -356,11 +501,8 @@ def cache_features(
     bar = tqdm(total=total * len(cameras), desc="frozen features", unit="frame", disable=not progress)
     for ep in episodes:
         for cam in cameras:
-            frames = ep.images[cam]
-            for s in range(0, len(frames), batch):
-                chunk = frames[s : s + batch]
-                out[cam].append(policy.encode_images(chunk).float().cpu())
-                bar.update(len(chunk))
+            out[cam] += _frame_tokens(policy, ep.images[cam], batch)
+            bar.update(len(ep.images[cam]))
     bar.close()
     return {cam: torch.cat(v) for cam, v in out.items()}
 
@@ -371,28 +513,28 @@ def streamed_patch_tokens(
     """Pooled patch tokens of every frame, per camera, streamed per episode as perception_node computes them."""
     from tqdm.auto import tqdm
 
-    from omnistream_perception.perception import PerceptionConfig, PerceptionSession
-
-    if backbone is None or not Path(backbone).is_dir():
-        raise ValueError("features='stream' needs the backbone as a checkpoint directory (--backbone DIR)")
-    # the node's settings for this policy (see omnistream_cli.policies.RosPolicy): resize to the policy's image
-    # size, its pooling, float32 tokens, the whole episode in the cache
-    session = PerceptionSession.from_config(PerceptionConfig(**policy.config.perception_settings(str(backbone))))
+    session = _stream_session(policy, backbone)
     total = sum(len(e.actions) for e in episodes)
     out: dict[str, list[torch.Tensor]] = {cam: [] for cam in cameras}
     bar = tqdm(total=total * len(cameras), desc="streamed features", unit="frame", disable=not progress)
     for ep in episodes:
         for cam in cameras:
-            session.reset()
-            for frame in ep.images[cam]:
-                rgb = np.asarray(frame)
-                if rgb.dtype != np.uint8:  # (3, H, W) float in [0, 1]
-                    rgb = (np.clip(rgb.transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
-                tokens = session.process(rgb, want_depth=False, want_pose=False).patch_tokens
-                out[cam].append(torch.from_numpy(tokens.reshape(1, -1, tokens.shape[-1])))
-                bar.update(1)
+            out[cam] += _streamed_tokens(session, ep.images[cam])
+            bar.update(len(ep.images[cam]))
     bar.close()
     return {cam: torch.cat(v) for cam, v in out.items()}
+
+
+def feature_session(policy, config):
+    """The streaming session of ``features='stream'`` (None for ``frame``), for ``episode_tokens``."""
+    return _stream_session(policy, config.backbone) if config.features == "stream" else None
+
+
+def episode_tokens(policy, frames, config, session=None) -> torch.Tensor:
+    """(T, n, D) float32 tokens of one camera's frames of one episode, as ``frozen_features`` computes them."""
+    if session is not None:
+        return torch.cat(_streamed_tokens(session, frames))
+    return torch.cat(_frame_tokens(policy, frames, config.feature_batch))
 
 
 def frozen_features(policy, episodes: list[EpisodeData], config, show: bool) -> dict[str, torch.Tensor]:
@@ -424,6 +566,85 @@ def dataset_loss(policy, features, chunks, pads, tasks, cameras, device, batch: 
     return total / max(1, count)
 
 
+@torch.no_grad()
+def streamed_dataset_loss(policy, batches, device) -> float:
+    """``dataset_loss`` over loader batches (the streamed path): every frame once, eval mode."""
+    was_training = policy.training
+    policy.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        n = len(batch["task"])
+        loss, _ = policy({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        total += float(loss) * n
+        count += n
+    policy.train(was_training)
+    return total / max(1, count)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The recipe's pieces: schedule, head initialisation, random-shift augmentation
+# ------------------------------------------------------------------------------------------------------
+def lr_multiplier(schedule: str, step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate factor of optimiser step ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    ``cosine`` down to ``min_ratio`` at ``total`` or ``constant`` (the recipe's schedule, VLM4VLA public code)."""
+    if schedule == "cosine":
+        return warmup_cosine(step, warmup, total, min_ratio)
+    if schedule == "constant":
+        return (step + 1) / warmup if warmup > 0 and step < warmup else 1.0
+    raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {schedule!r}")
+
+
+def warmup_length(config: VLATrainConfig, frames: int) -> int:
+    """Warm-up in optimiser steps: ``warmup_epochs`` of the dataset at the global batch, else ``warmup_steps``."""
+    if config.warmup_epochs is None:
+        return config.warmup_steps
+    return max(1, round(config.warmup_epochs * frames / config.batch_size)) if config.warmup_epochs > 0 else 0
+
+
+@torch.no_grad()
+def xavier_init(module: torch.nn.Module) -> None:
+    """Every Linear layer of ``module``: Xavier-uniform weights, zero biases (the recipe's action head init,
+    VLM4VLA public code)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                m.bias.zero_()
+
+
+@torch.no_grad()
+def encode_pixels(policy, pixels: torch.Tensor) -> torch.Tensor:
+    """Preprocessed frames (B, 3, S, S) -> pooled patch tokens (B, n, D): ``policy.encode_images`` after its
+    preprocessing, so an augmentation can act on the resized frames in between."""
+    backbone = policy.backbone
+    parameter = next(backbone.parameters())
+    out = backbone(pixels.unsqueeze(1).to(parameter.device, parameter.dtype), output_hidden_states=False)
+    h, w = out.grid_size
+    grid = out.last_hidden_state[:, 0].reshape(pixels.shape[0], h, w, -1)
+    return policy.processor.pool_patch_tokens(grid)
+
+
+def shifted_tokens(policy, frames, pad: int, gen: torch.Generator) -> torch.Tensor:
+    """Raw frames of one camera -> resized as the policy does, randomly shifted (``augment.random_shift``) and
+    encoded by the frozen backbone: the features of an augmented batch, computed at its step."""
+    from .augment import random_shift
+
+    return encode_pixels(policy, random_shift(policy.processor.preprocess_images(frames), pad, gen))
+
+
+class ShiftedFeatures:
+    """``shifted_tokens`` of the frames of a batch of the in-memory path: frame ``i`` of the dataset is
+    ``episodes[e].images[cam][t]`` for ``(e, t) = self.where[i]``."""
+
+    def __init__(self, policy, episodes: list[EpisodeData], pads: dict[str, int]):
+        self.policy, self.episodes, self.pads = policy, episodes, pads
+        self.where = [(e, t) for e, ep in enumerate(episodes) for t in range(len(ep.actions))]
+
+    def __call__(self, cam: str, idx: list[int], gen: torch.Generator) -> torch.Tensor:
+        frames = [np.asarray(self.episodes[e].images[cam][t]) for e, t in (self.where[i] for i in idx)]
+        return shifted_tokens(self.policy, np.stack(frames), self.pads[cam], gen)
+
+
 def run_vla_training(
     config: VLATrainConfig,
     dataset: str | Path,
@@ -434,6 +655,8 @@ def run_vla_training(
 ) -> dict:
     from tqdm.auto import tqdm
 
+    config.validate()
+    config.check_backbone()
     ctx = init_distributed(device)
     try:
         return _train(config, dataset, Path(out_dir), resume, ctx, progress, tqdm)
@@ -441,8 +664,33 @@ def run_vla_training(
         shutdown_distributed()
 
 
+def _recipe_warnings(config: VLATrainConfig) -> list[str]:
+    if config.require_vlm and not config.init_vlm:
+        return [
+            "no --init-vlm: the recipe (paper C.4) starts the VLA from the OmniStream VLM, whose projector and LLM "
+            "already tie words to the visual tokens; this run starts from a random projector and a text-only LLM. "
+            "Train one with `omnistream train vlm --preset paper ...` and pass --init-vlm <its --out>."
+        ]
+    return []
+
+
 def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress: bool, tqdm) -> dict:
-    episodes = load_episodes(dataset, config.cameras)
+    import sys
+
+    warnings_ = _recipe_warnings(config)
+    if warnings_ and ctx.is_main:
+        rule = "=" * 100
+        print("\n".join([rule, *(f"WARNING: {w}" for w in warnings_), rule]), file=sys.stderr, flush=True)
+    micro = micro_batch(config.batch_size, ctx, config.grad_accum)  # an error before any work if it does not divide
+    slots = data_slots(ctx, config.grad_accum)
+    streamed = config.data == "streamed"
+    reader = None
+    if streamed:
+        from . import vla_data
+
+        episodes, reader = vla_data.index_episodes(dataset, config.cameras)  # no images: read on demand
+    else:
+        episodes = load_episodes(dataset, config.cameras)
     if not episodes:
         raise ValueError(f"{dataset} holds no episodes")
     all_actions = np.concatenate([e.actions for e in episodes])
@@ -450,27 +698,48 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
         raise ValueError(f"actions must be 7-D (6 arm + gripper), got shape {all_actions.shape[1:]}")
     stats = action_statistics(all_actions)
     kind = detect_format(Path(dataset))
+    actions_kind = action_source(dataset, kind)
     state_names, states = select_state(config, episodes, kind)
-    policy = build_policy(config, stats, ctx.device, resolve_bounds(config, kind), state_names, states)
-    policy.config.action_convention = convention_for_dataset(kind).to_dict()  # the node acts in these units
+    policy = build_policy(config, stats, ctx.device, resolve_bounds(config, actions_kind), state_names, states)
+    if config.head_init == "xavier":
+        xavier_init(policy.action_head)
+    policy.config.action_convention = convention_for_dataset(actions_kind).to_dict()  # the node acts in these units
     states_t = torch.from_numpy(states) if states is not None else None
     targets_t = auxiliary_targets(config, episodes)
     chunk = policy.config.chunk_size
     show = progress and ctx.is_main
-    features = frozen_features(policy, episodes, config, show)
-    chunks, pads, tasks = [], [], []
-    for e in episodes:
-        a, p = action_chunks(e.actions, chunk)
-        chunks.append(torch.from_numpy(a))
-        pads.append(torch.from_numpy(p))
-        tasks += [e.instruction] * len(e.actions)
-    chunks_t, pads_t = torch.cat(chunks), torch.cat(pads)
-    frames = len(tasks)
+    shift_pads = config.shift_pads()
+    augment = any(shift_pads.values())
+    if streamed:
+        cache_dir = Path(config.feature_cache) if config.feature_cache else out / "feature_cache"
+        features = vla_data.cache_features_on_disk(policy, episodes, reader, config, cache_dir, ctx, show)
+        index = vla_data.FrameIndex.of(episodes, states, targets_t)
+        frames = len(index)
+        tasks = None
+    else:
+        features = frozen_features(policy, episodes, config, show)
+        shifted = ShiftedFeatures(policy, episodes, shift_pads) if augment else None
+        chunks, pads, tasks = [], [], []
+        for e in episodes:
+            a, p = action_chunks(e.actions, chunk)
+            chunks.append(torch.from_numpy(a))
+            pads.append(torch.from_numpy(p))
+            tasks += [e.instruction] * len(e.actions)
+        chunks_t, pads_t = torch.cat(chunks), torch.cat(pads)
+        frames = len(tasks)
     max_steps = config.max_steps
     if config.epochs is not None:
-        max_steps = max(1, int(config.epochs * frames / (config.batch_size * ctx.world_size)))
+        max_steps = max(1, int(config.epochs * frames / config.batch_size))
     if not max_steps:
         raise ValueError("set max_steps or epochs")
+    warmup = warmup_length(config, frames)
+
+    def whole_dataset_loss() -> float:
+        if not streamed:
+            return dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t)
+        every = vla_data.TrainFrames(index, list(config.cameras), chunk, features=features, targets=False)
+        batches = vla_data.loader(every, vla_data.sequential_batches(frames, 64), config.loader_workers)
+        return streamed_dataset_loss(policy, batches, ctx.device)
 
     policy.train()
     broadcast_parameters(policy, ctx)
@@ -481,24 +750,34 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     params = [p for g in groups for p in g["params"]]
     step = 0
     if resume:
-        step = resume_checkpoint(resume, {"policy": policy}, optimizer, ctx.world_size)
+        step = resume_checkpoint(resume, {"policy": policy}, optimizer, ctx.world_size, config.grad_accum)
     autocast_dtype = _precision(config, ctx.device)
-    initial_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t)
+    initial_loss = whole_dataset_loss()
     logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=step if resume else None)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "vla_train_config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         stats_json = {k: np.asarray(v).tolist() for k, v in stats.items()}
         (out / "action_stats.json").write_text(json.dumps({"action": stats_json}, indent=2) + "\n")
-    bar = tqdm(total=max_steps, initial=step, desc="vla", disable=not show)
-    began = time.perf_counter()
-    first_loss, logs = None, {}
-    while step < max_steps:
-        scale = warmup_cosine(step, config.warmup_steps, max_steps, config.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        idx = sample_indices(frames, step, ctx.rank, ctx.world_size, config.batch_size, config.seed, 0)
-        batch = {batch_key(cam): features[cam][idx].to(ctx.device) for cam in config.cameras}
+
+    if streamed:  # loader workers read this rank's micro-batches, in step order, ahead of the training loop
+        source = vla_data.TrainFrames(index, list(config.cameras), chunk, features=None if augment else features,
+                                      reader=reader if augment else None)  # fmt: skip
+        sampler = vla_data.StepBatches(frames, step, max_steps, ctx, config.grad_accum, micro, config.seed)
+        loaded = iter(vla_data.loader(source, sampler, config.loader_workers))
+
+    def micro_step_batch(idx: list[int], gen: torch.Generator | None) -> dict[str, Any]:
+        if streamed:
+            batch = next(loaded)
+            for cam in config.cameras:
+                raw = batch.pop(f"frame.{cam}", None)
+                if raw is not None:
+                    batch[batch_key(cam)] = shifted_tokens(policy, raw, shift_pads[cam], gen)
+            return {k: v.to(ctx.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if shifted is not None:
+            batch = {batch_key(cam): shifted(cam, idx, gen).to(ctx.device) for cam in config.cameras}
+        else:
+            batch = {batch_key(cam): features[cam][idx].to(ctx.device) for cam in config.cameras}
         batch.update(
             action=chunks_t[idx].to(ctx.device), action_is_pad=pads_t[idx].to(ctx.device), task=[tasks[i] for i in idx]
         )
@@ -506,15 +785,36 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
             batch["observation.state"] = states_t[idx].to(ctx.device)
         if targets_t is not None:
             batch["observation.target"] = targets_t[idx].to(ctx.device)
+        return batch
+
+    bar = tqdm(total=max_steps, initial=step, desc="vla", disable=not show)
+    began = time.perf_counter()
+    first_loss, logs = None, {}
+    while step < max_steps:
+        scale = lr_multiplier(config.lr_schedule, step, warmup, max_steps, config.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * scale
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss, info = policy(batch)
-        loss.backward()
+        sums: dict[str, float] = {}
+        for m in range(config.grad_accum):
+            # slices of the global batch, rank-major (distributed.data_slot): 1 process x accumulation 2 reads
+            # what 2 processes read; one augmentation stream per (seed, step, slice)
+            slot = data_slot(ctx, config.grad_accum, m)
+            idx = sample_indices(frames, step, slot, slots, micro, config.seed, 0) if not streamed else []
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1009 + slot) if augment else None
+            batch = micro_step_batch(idx, gen)
+            with torch.autocast(
+                ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
+                loss, info = policy(batch)
+            (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
+            for key, value in {"loss": float(loss.detach()), **info}.items():
+                sums[key] = sums.get(key, 0.0) + value / config.grad_accum
         average_gradients(params, ctx)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
         optimizer.step()
         step += 1
-        logs = mean_across_ranks({"loss": float(loss.detach()), **info}, ctx)
+        logs = mean_across_ranks(sums, ctx)
         logs.update(
             grad_norm=grad_norm, lr=optimizer.param_groups[-1]["lr"], lr_projector=optimizer.param_groups[0]["lr"]
         )
@@ -524,15 +824,21 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
         if ctx.is_main and config.save_every and step % config.save_every == 0:
             save_checkpoint(out / "checkpoints" / f"step-{step:06d}", {"policy": policy}, optimizer,
-                            {"step": step, "world_size": ctx.world_size, "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
+                            {"step": step, "world_size": ctx.world_size, "grad_accum": config.grad_accum,
+                             "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - began
-    final_loss = dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t)
+    if streamed:
+        loaded = None  # ends the training loader's workers before the loss pass starts its own
+    final_loss = whole_dataset_loss()
     digests = gather_strings(weights_digest(policy), ctx)
     logger.close()
     result: dict[str, Any] = {"steps": step, "seconds": seconds, "final": logs, "first_loss": first_loss, "frames": frames,
                               "episodes": len(episodes), "rank_digests": digests, "policy": None,
-                              "dataset_loss_before": initial_loss, "dataset_loss_after": final_loss}  # fmt: skip
+                              "dataset_loss_before": initial_loss, "dataset_loss_after": final_loss,
+                              "global_batch": config.batch_size, "micro_batch": micro, "grad_accum": config.grad_accum,
+                              "warmup_steps": warmup, "lr_schedule": config.lr_schedule, "data": config.data,
+                              "init_vlm": config.init_vlm, "recipe_warnings": warnings_}  # fmt: skip
     if ctx.is_main:
         summary = {k: v for k, v in result.items() if k not in ("final", "policy")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

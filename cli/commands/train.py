@@ -115,7 +115,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p, "debug")
     p.add_argument("--dataset", default=None, help="LeRobot v3 directory or CALVIN-format episode directory")
     p.add_argument("--backbone", default=None, help="backbone directory (default: the preset's random backbone)")
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL batch (per-rank micro-batch = global / (processes x --grad-accum)); default: preset's")  # fmt: skip
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimiser step (default: preset's)")
+    p.add_argument("--random-backbone", action="store_true",
+                   help="without --backbone, train on a random backbone of the preset's size on purpose")  # fmt: skip
     p.add_argument("--plan", action="store_true", help="print the per-GPU and host memory plan and exit (no data)")
     p.add_argument("--nproc", type=int, default=8, help="--plan: GPUs (processes) in the run (default 8)")
     p.add_argument("--gpu-memory", default="80GB", help="--plan: memory of one GPU, e.g. 80GB, 80GiB, 141GB")
@@ -263,7 +267,7 @@ def _vla_plan(args: argparse.Namespace) -> int:
     from omnistream_train.vla import VLATrainConfig
 
     with user_errors(ValueError):
-        overrides = dict(batch_size=args.batch_size, **_parse_overrides(args.overrides))
+        overrides = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, **_parse_overrides(args.overrides))
         config = VLATrainConfig.from_preset(args.preset, **overrides)
         plan = plan_vla(config, args.nproc, args.gpu_memory, args.host_memory, preset=args.preset,
                         activation_checkpointing=args.activation_checkpointing)  # fmt: skip
@@ -285,6 +289,8 @@ def _vla(args: argparse.Namespace) -> int:
         args,
         backbone=args.backbone,
         batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        random_backbone=args.random_backbone or None,
         epochs=args.epochs,
         eval_episodes=args.eval_episodes,
         init_vlm=args.init_vlm,

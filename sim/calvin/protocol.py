@@ -8,9 +8,10 @@ chain is its number of consecutive successes (0..5); the metric is their mean ("
 i-in-a-row rates and per-subtask success.
 
 The env needs calvin_env's interface: ``reset(robot_obs=, scene_obs=)``, ``get_obs()``, ``get_info()``,
-``step(action) -> (obs, reward, done, info)``, observations with ``rgb_obs.rgb_static``/``rgb_gripper`` and
-``robot_obs``. The steps go through the shared rollout loop (:func:`omnistream_sim.rollout.run_episode`), so
-chunked policies execute their chunks open loop, as everywhere else.
+``step(action) -> (obs, reward, done, info)``, observations with ``rgb_obs.rgb_static``/``rgb_gripper`` (policies
+see them as ``static``/``gripper``, the names of :mod:`.cameras`) and ``robot_obs``. The steps go through the
+shared rollout loop (:func:`omnistream_sim.rollout.run_episode`), so chunked policies execute their chunks open
+loop, as everywhere else.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..conventions import calvin_env_action
+from .cameras import named_images
 from .sequences import CHAIN_LENGTH, EvalChain
 
 EP_LEN = 360
@@ -34,14 +36,8 @@ class TaskOracle(Protocol):
 
 def to_observation(calvin_obs: dict, instruction: str) -> dict[str, Any]:
     """calvin_env observation -> the harness's observation dict (``omnistream_sim.policy_protocol``)."""
-    rgb = calvin_obs.get("rgb_obs", {})
-    images = {}
-    if "rgb_static" in rgb:
-        images["static"] = rgb["rgb_static"]
-    if "rgb_gripper" in rgb:
-        images["wrist"] = rgb["rgb_gripper"]
     return {
-        "images": images,
+        "images": named_images(calvin_obs.get("rgb_obs", {})),  # the names training reads (cameras.CAMERAS)
         "state": np.asarray(calvin_obs["robot_obs"], dtype=np.float32),
         "scene_obs": np.asarray(calvin_obs.get("scene_obs", ()), dtype=np.float32),
         "instruction": instruction,
