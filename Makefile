@@ -21,7 +21,7 @@ format: setup
 
 # Tests that assert wall-clock behaviour (control rates, stop deadlines, frame dropping) run in a process of
 # their own per file, so threads left by other tests cannot steal their time slices.
-REALTIME_FILES = $(shell grep -l "pytest.mark.realtime" tests/test_*.py)
+REALTIME_FILES = $(shell grep -rl --include="test_*.py" "pytest.mark.realtime" tests)
 
 ## make test: lint + the test suite (about 6 minutes on 2 cores). Slow checks are in `make test-all`.
 test: setup lint

@@ -3,6 +3,9 @@
 * ROS isolation: every test process gets its own ROS_DOMAIN_ID and localhost-only discovery, so parallel
   runs (and other machines) never see each other's topics.
 * one OpenMP thread per process (tests use tiny models; timings are measured by benchmarks, not tests).
+* layout: the folders mirror the code (``perception/``, ``vla/``, ``training/``, ``sim/``: library tests without
+  ROS; ``ros/``: nodes over real rclpy; ``cli/``: the ``omnistream`` command); every folder is on ``sys.path`` so
+  shared helpers (``ros_helpers``, ``calvin_split``) and another file's fixtures import by module name.
 * ``--runslow`` enables tests marked ``slow`` (``make test-all``); without it they report SKIPPED with the reason.
 * margins: a test whose verdict depends on a training run or a random draw takes the ``seed`` fixture and reports
   each checked value with ``margin(name, value, bound)``; ``scripts/measure_margins.py`` runs those tests
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +30,9 @@ os.environ.setdefault("ROS_DOMAIN_ID", str(1 + os.getpid() % 100))
 os.environ.setdefault("AMENT_PREFIX_PATH", str(Path(os.sys.prefix)))
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_FOLDERS = ("perception", "vla", "training", "sim", "ros", "cli")
+for _folder in TEST_FOLDERS:
+    sys.path.insert(0, str(Path(__file__).with_name(_folder)))
 SHARED = REPO.parent / "shared"
 FIXTURE_A = SHARED / "fixtures" / "upstream_tiny_a"
 

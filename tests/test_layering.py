@@ -128,3 +128,41 @@ def test_dependencies_run_one_way():
 def test_the_checker_catches_each_kind_of_violation(module, imports, expected, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "_imports", lambda path, mod: imports if mod == module else set())
     assert any(expected in v for v in _violations())
+
+
+# The tests mirror the layout: library tests run without ROS, node tests live apart.
+TESTS = REPO / "tests"
+LIBRARY_TEST_FOLDERS = ("perception", "vla", "training", "sim")
+REPO_WIDE_TESTS = {"test_layering.py", "test_readme_snippets.py"}
+
+
+def _talks_to_ros(name: str) -> bool:
+    """An adapter module that needs ROS to be imported (the parameter tables beside the nodes are plain Python;
+    their declaration helpers import rclpy only when a node calls them)."""
+    target = next((m for m in (name, name.rpartition(".")[0]) if m in MODULES), None)
+    if target is None or not (target + ".").startswith(ROS_PREFIXES):
+        return False
+    tree = ast.parse(MODULES[target].read_text())
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = {a.name for n in top_level if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in top_level if isinstance(n, ast.ImportFrom)}
+    return any(_is_ros(n) for n in names)
+
+
+def _test_violations() -> list[str]:
+    out = []
+    for folder in LIBRARY_TEST_FOLDERS:
+        for path in sorted((TESTS / folder).glob("*.py")):
+            for name in sorted(_imports(path, path.stem)):
+                top = name.split(".")[0]
+                if _is_ros(name) or top == "ros_helpers" or _talks_to_ros(name):
+                    out.append(f"tests/{folder}/{path.name} imports {name}: a ROS test belongs in tests/ros/")
+    strays = [p.name for p in TESTS.glob("test_*.py") if p.name not in REPO_WIDE_TESTS]
+    out += [f"tests/{name} is not in the folder of what it tests" for name in strays]
+    return out
+
+
+def test_library_tests_run_without_ros_and_every_test_has_its_folder():
+    assert all((TESTS / folder).is_dir() for folder in (*LIBRARY_TEST_FOLDERS, "ros", "cli"))
+    violations = _test_violations()
+    assert not violations, "\n".join(violations)

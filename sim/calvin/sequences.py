@@ -15,7 +15,7 @@ symbolic scene state (LED, light bulb, slider, drawer, where each block is, whet
 
 The official code hashes with pyhash's ``fnv1_32``; that is FNV-1 with offset basis 0 over the UTF-16-LE
 bytes of the string (``../shared/specs/simulators.md``), not the usual UTF-8 / 0x811C9DC5 variant.
-``tests/test_calvin_sequences.py`` checks all 1000 chains against ``../shared/calvin/eval_chains.json``.
+``tests/sim/test_calvin_sequences.py`` checks all 1000 chains against ``../shared/calvin/eval_chains.json``.
 """
 
 from __future__ import annotations

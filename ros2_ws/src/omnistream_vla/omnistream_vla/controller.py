@@ -1,7 +1,7 @@
 """The VLA node's behaviour without ROS: features + instruction (+ robot state) -> one command per control step.
 
 ``VLAController`` holds every safety rule; ``vla_node`` only feeds it messages and publishes what it returns,
-so each rule is unit-tested without rclpy (``tests/test_vla_controller.py``). Times are seconds of one clock
+so each rule is unit-tested without rclpy (``tests/vla/test_vla_controller.py``). Times are seconds of one clock
 (the node's ROS clock, so simulated time works too): the caller passes ``now``; the optional ``clock`` re-reads
 it after an inference.
 

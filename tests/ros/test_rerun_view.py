@@ -267,7 +267,7 @@ def test_plot_script_draws_a_recording(tmp_path):
             log.points(rng.normal(size=(20, 3)), rng.integers(0, 255, (20, 3), dtype=np.uint8))
             log.pose([0.1 * i, 0, 0], [0, 0, 0, 1])
             log.action(rng.normal(size=7), stop=False)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "plot_rrd.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "plot_rrd.py"
     png = tmp_path / "out.png"
     assert runpy.run_path(str(script))["main"]([str(path), "--out", str(png)]) == 0
     from PIL import Image

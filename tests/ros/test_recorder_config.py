@@ -18,7 +18,7 @@ from ros_helpers import call_trigger, spin_in_thread, stop_spinning, wait_for
 
 from omnistream_vla.recording import BagRecorder, qos_profile_dict, read_episode_events, string_cdr
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PARAMS_FILE = REPO / "ros2_ws" / "src" / "omnistream_vla" / "config" / "recorder.yaml"
 
 

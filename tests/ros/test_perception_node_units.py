@@ -21,7 +21,8 @@ from rclpy.executors import MultiThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from ros_helpers import wait_for  # noqa: E402
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2  # noqa: E402
-from test_depth_units import K640, LENSES, camera_info, depth_msg, save_spread_heads, sparse_noisy  # noqa: E402
+from test_depth_units import K640, LENSES, save_spread_heads, sparse_noisy  # noqa: E402
+from test_depth_units_messages import camera_info, depth_msg  # noqa: E402
 
 from omnistream_perception.depth_units import invert_pose  # noqa: E402
 from omnistream_perception.perception import PerceptionConfig, PerceptionSession  # noqa: E402

@@ -373,7 +373,7 @@ def test_the_shipped_vla_yaml_starts_with_a_calvin_units_policy(policy):
 
     from omnistream_vla.action_convention import policy_convention
 
-    path = Path(__file__).resolve().parents[1] / "ros2_ws/src/omnistream_vla/config/vla.yaml"
+    path = Path(__file__).resolve().parents[2] / "ros2_ws/src/omnistream_vla/config/vla.yaml"
     values = yaml.safe_load(path.read_text())["/**/vla_node"]["ros__parameters"]
     values.pop("policy")
     node = VLANode(policy=policy, parameter_overrides=[Parameter(k, value=v) for k, v in values.items()])
