@@ -48,6 +48,29 @@ def make_policy(spec: str, *, seed: int = 0, env_name: str = "tabletop", **kwarg
     raise ValueError(f"unknown policy {spec!r}; choose {POLICY_CHOICES}")
 
 
+def private_domain_id() -> tuple[int, Any]:
+    """A DDS domain of this harness's own, and the lock that holds it until the harness closes: the harness publishes
+    /clock and uses node names every harness shares, so two closed loops on one machine (parallel demos or sharded
+    evaluations) in one domain would drive each other's nodes. The first free domain in 1-100 (valid on every
+    platform) other than the user's ``ROS_DOMAIN_ID``, claimed with an exclusive lock file in the temp folder."""
+    import fcntl
+    import os
+    import tempfile
+
+    user = int(os.environ.get("ROS_DOMAIN_ID", "0") or 0)
+    for domain in range(1, 101):
+        if domain == user:
+            continue
+        lock = open(os.path.join(tempfile.gettempdir(), f"omnistream-harness-domain-{domain}.lock"), "w")  # noqa: SIM115
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            continue
+        return domain, lock
+    raise RuntimeError("no free ROS domain for the closed-loop harness (100 harnesses running?)")
+
+
 class RosPolicy:
     """Closed loop through the real ROS 2 nodes, in this process (rclpy executor thread, own context).
 
@@ -61,7 +84,8 @@ class RosPolicy:
     features computed from it, then advances ``/clock`` by one control period, which fires the VLA node's
     control timer exactly once; the action it publishes is this step's. So evaluation is deterministic and
     independent of CPU speed, while every message still crosses real topics between real nodes.
-    Per episode both nodes' ``~/reset`` services are called (new stream, empty action queue).
+    Per episode both nodes' ``~/reset`` services are called (new stream, empty action queue). The harness runs in a
+    DDS domain of its own (``private_domain_id``), so parallel closed loops on one machine cannot drive each other.
     """
 
     OPTIONS = ("policy_dir", "backbone", "timeout", "perception_params", "vla_params", "pos_step", "rot_step")
@@ -140,7 +164,8 @@ class RosPolicy:
             return [Parameter(k, value=v) for k, v in values.items()]
 
         self._ctx = rclpy.Context()
-        rclpy.init(context=self._ctx)
+        self.domain_id, self._domain_lock = private_domain_id()
+        rclpy.init(context=self._ctx, domain_id=self.domain_id)
         multi = len(self.cameras) > 1
         remaps = ["--ros-args"]
         for cam in self.cameras:
@@ -194,6 +219,7 @@ class RosPolicy:
             node.destroy_node()
         self._ctx.try_shutdown()
         self._spin.join(timeout=5.0)
+        self._domain_lock.close()  # the domain is free for the next harness
         self._started = False
 
     def __del__(self):

@@ -80,6 +80,32 @@ def test_ros_policy_via_cli(debug_policy_dir, tmp_path):
     assert results["ros_perception_ms_per_frame"] > 0 and results["ros_vla_ms_per_step"] > 0
 
 
+def test_two_closed_loops_on_one_machine_do_not_drive_each_other(debug_policy_dir, tmp_path):
+    """Two `sim eval --policy ros` processes at once (parallel demos, sharded evaluations): each harness owns /clock
+    and the same node names, so each runs in a DDS domain of its own; in one domain they fed each other features and
+    clocks (stops, then timeouts)."""
+    import os
+    import subprocess
+    import sys
+
+    from omnistream_cli.policies import private_domain_id
+
+    (first, lock_a), (second, lock_b) = private_domain_id(), private_domain_id()
+    assert first != second, "a claimed domain is not handed out twice"
+    lock_a.close()
+    assert private_domain_id()[0] == first, "a released domain is free again"
+    lock_b.close()
+    env = {**os.environ, "ROS_DOMAIN_ID": "0"}
+    command = [sys.executable, "-m", "omnistream_cli.main", "sim", "eval", "--policy", f"ros:{debug_policy_dir}",
+               "--episodes", "2", "--max-steps", "8", "--image-size", "64", "--videos", "0", "--quiet"]  # fmt: skip
+    runs = [subprocess.Popen([*command, "--out", str(tmp_path / f"run{i}")], env=env) for i in range(2)]
+    assert [run.wait(timeout=300) for run in runs] == [0, 0]
+    results = [json.loads((tmp_path / f"run{i}" / "results.json").read_text()) for i in range(2)]
+    for result in results:
+        assert result["ros_steps"] == 16 and result["ros_stop_actions"] == 0
+    assert [r["steps"] for r in results[0]["records"]] == [r["steps"] for r in results[1]["records"]]
+
+
 def test_ros_policy_needs_a_policy_directory(tmp_path):
     from omnistream_cli.policies import make_policy
 
