@@ -94,7 +94,7 @@ class PerceptionNode(ManagedNode):
         self._worker = LatestFrameWorker(self._process_safely, name=f"{self.get_name()}-worker")
         self.get_logger().info(
             f"perception on camera(s) {', '.join(self.cameras)}; checkpoint {self._param('checkpoint')} on "
-            f"{self._param('device')}"
+            f"{self._param('device')} ({self._backend.describe()})"
             + (f"; {units_notice(self._param('scale_source'))}" if self.has_heads else " (features only: no heads)")
         )
 
@@ -131,17 +131,19 @@ class PerceptionNode(ManagedNode):
                 stats.set_level(DiagnosticStatus.OK)
 
     def _build_sessions(self) -> None:
+        from ..deploy.stream_backend import StreamBackend
         from ..perception import PerceptionConfig, PerceptionSession, check_device, load_backbone_and_heads
 
         config = PerceptionConfig.from_node_parameters(params := {n: self._param(n) for n in PARAMETERS})
         check_device(config.device)  # before loading the checkpoint for nothing
+        self._backend = StreamBackend.from_node_parameters(params, config)  # onnxruntime: the file fits the settings
         model, heads = load_backbone_and_heads(config.checkpoint)  # one model for all cameras, a stream each
         self.has_heads = heads is not None
         multi = bool(self._names)
         for name in self._names or ["camera"]:
             world = self._param("world_frame_id") + (f"_{name}" if multi else "")
             inputs, outputs = (f"{name}/", f"~/{name}/") if multi else ("", "~/")
-            session = PerceptionSession(model, heads, config)
+            session = self._backend.attach(PerceptionSession(model, heads, config))
             pipeline = CameraPipeline(name, session, inputs + "image", units=UnitsConfig.from_node_parameters(params))
             cam = CameraStream(name, pipeline, self.diagnostics.stats(name), world, inputs)
             pubs = cam.publishers

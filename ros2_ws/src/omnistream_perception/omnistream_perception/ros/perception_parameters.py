@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from ..deploy.stream_backend import BACKENDS
 from ..depth_units import (
     DEFAULT_DEPTH_SYNC_TOLERANCE_S,
     DEFAULT_MIN_DEPTH_CONFIDENCE,
@@ -105,6 +106,19 @@ PARAMETERS: dict[str, ParamSpec] = {
     "device": ParamSpec("cpu", "torch device: cpu | cuda | cuda:N | mps", True, _device),
     "dtype": ParamSpec(
         "float32", "model dtype: float32 | bfloat16 | float16", True, one_of("float32", "bfloat16", "float16")
+    ),
+    "backend": ParamSpec(
+        "torch",
+        "what runs the streaming step: torch | onnxruntime (the exported float32 step in onnx_file, on the CPU; "
+        "device cpu, dtype float32)",
+        True,
+        one_of(*BACKENDS),
+    ),
+    "onnx_file": ParamSpec(
+        "",
+        "the streaming step written by `omnistream export onnx` (backend onnxruntime): exported from this "
+        "checkpoint with the node's window and sink, at the size max_side makes of the camera's images",
+        True,
     ),
     "max_side": ParamSpec(
         224,
