@@ -299,10 +299,10 @@ def _plot_success(per_task: dict[str, tuple[float, float]], path: Path) -> None:
 
     names = list(per_task)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 3.4))
     ax.bar(x - 0.2, [per_task[n][0] for n in names], 0.4, label="instruction as given")
     ax.bar(x + 0.2, [per_task[n][1] for n in names], 0.4, label="instruction swapped")
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, [n.replace("_", " ") for n in names], fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("success rate")
     ax.legend(fontsize=8)
