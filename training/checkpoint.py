@@ -147,8 +147,13 @@ def _dcp_state(modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optim
 
     state: dict[str, Any] = {f"model.{name}": get_model_state_dict(m) for name, m in modules.items()}
     if optimizer is not None:
-        state["optimizer"] = get_optimizer_state_dict(modules["student"], optimizer)
+        state["optimizer"] = get_optimizer_state_dict(_optimizer_owner(modules), optimizer)
     return state
+
+
+def _optimizer_owner(modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
+    """The module whose parameters the optimiser holds: ``modules["student"]``, or the only module."""
+    return modules["student"] if "student" in modules else next(iter(modules.values()))
 
 
 def save_sharded_checkpoint(
@@ -160,7 +165,7 @@ def save_sharded_checkpoint(
     keep: int | None = None,
 ) -> Path:
     """A collective: every rank writes its shards of the modules and of the optimiser (``optimizer`` must
-    belong to ``modules["student"]``) into ``step-N/shards`` and its RNG into ``rng.rank<r>.safetensors``;
+    belong to ``modules["student"]`` or to the only module) into ``step-N/shards`` and its RNG into ``rng.rank<r>.safetensors``;
     rank 0 writes ``trainer_state.json`` and renames the finished directory into place (shared filesystem)."""
     import torch.distributed.checkpoint as dcp
 
@@ -201,7 +206,7 @@ def load_sharded_checkpoint(
     for name, module in modules.items():
         set_model_state_dict(module, state[f"model.{name}"])
     if optimizer is not None:
-        set_optimizer_state_dict(modules["student"], optimizer, state["optimizer"])
+        set_optimizer_state_dict(_optimizer_owner(modules), optimizer, state["optimizer"])
     rng = directory / f"rng.rank{rank}.safetensors"
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["torch_cpu"])

@@ -106,10 +106,11 @@ def gather_strings(value: str, ctx: DistributedContext) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # FSDP2: sharded parameters, gradients and optimiser state
 # ------------------------------------------------------------------------------------------------------
-# How a training command adopts the engine (``ParallelEngine``; pretrain/heads use it, vla/vlm can in a few lines):
+# How a training command adopts the engine (``ParallelEngine``; pretrain, heads, vla and vlm use it):
 #   engine = ParallelEngine(ctx, ParallelOptions(fsdp, grad_accum, precision, activation_checkpointing))
 #   micro = engine.micro_batch(config.batch_size)                  # --batch-size is the global batch
 #   engine.prepare(model)   # rank 0's weights everywhere; FSDP2 per block + root for each module that is called
+#                           # (keep_whole=(frozen part,): left whole on every rank, e.g. the VLA's backbone)
 #   optimizer over the model's trainable parameters (built AFTER prepare: they are DTensor shards under FSDP)
 #   for m in range(engine.grad_accum): rows of slice engine.slot(m) of engine.slots();
 #       engine.backward(loss / engine.grad_accum, model)
@@ -200,10 +201,23 @@ def cpu_or_device_mesh(ctx: DistributedContext):
     return init_device_mesh(ctx.device.type, (ctx.world_size,))
 
 
-def shard_module(module: torch.nn.Module, ctx: DistributedContext, options: ParallelOptions, mesh=None):
+def shard_module(
+    module: torch.nn.Module,
+    ctx: DistributedContext,
+    options: ParallelOptions,
+    mesh=None,
+    keep_whole: tuple[torch.nn.Module, ...] = (),
+    cast_inputs: bool = True,
+):
     """FSDP2 on one top-level module: ``fully_shard`` per transformer block, then on the module itself (its
     root group holds embeddings, norms and small heads). Frozen parameters are sharded too (they have no
-    gradients or optimiser state, only 1/world of their bytes per rank). Returns the module (sharded in place)."""
+    gradients or optimiser state, only 1/world of their bytes per rank). Returns the module (sharded in place).
+
+    ``keep_whole``: submodules left out of FSDP, whole on every rank (a frozen part that each rank runs on its
+    own data outside the training forward, like the VLA's backbone: a sharded one would make every call a
+    collective). A Hugging Face LM head that is not tied to the input embeddings gets its own unit: a model
+    that reads hidden states only (the VLA's action query) never gathers it. ``cast_inputs=False`` leaves the
+    root's floating-point inputs in their dtype (action targets, robot state: bf16 would round them)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not any(True for _ in module.parameters()):
@@ -214,12 +228,14 @@ def shard_module(module: torch.nn.Module, ctx: DistributedContext, options: Para
     # FSDP2 warns whenever a module returns a view (the heads' dict of per-output slices); only an in-place op
     # on such an output would be wrong, and the losses here are out-of-place
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    blocks = _block_lists(module)
+    whole = {id(x) for m in keep_whole for x in m.modules()}
+    ignored = {p for m in keep_whole for p in m.parameters()}
+    blocks = [b for b in _block_lists(module) if id(b) not in whole]
+    hf = [m for m in module.modules() if getattr(m, "supports_gradient_checkpointing", False) and id(m) not in whole]
     if options.activation_checkpointing:
         from torch.distributed._composable import checkpoint
 
         # Hugging Face models checkpoint their own layers (their KV cache must be off while recomputing)
-        hf = [m for m in module.modules() if getattr(m, "supports_gradient_checkpointing", False)]
         inside_hf = {id(x) for m in hf for x in m.modules()}
         for m in hf:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -228,9 +244,15 @@ def shard_module(module: torch.nn.Module, ctx: DistributedContext, options: Para
                 checkpoint(block)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
+    for m in hf:
+        head, embeddings = m.get_output_embeddings(), m.get_input_embeddings()
+        if head is not None and embeddings is not None and head.weight is not embeddings.weight:
+            fully_shard(head, mesh=mesh, mp_policy=policy)
     # the module's outputs in fp32: the losses (Sinkhorn-Knopp, Huber, cross-entropy) stay in full precision
-    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=torch.float32)
-    fully_shard(module, mesh=mesh, mp_policy=root_policy)
+    root_policy = MixedPrecisionPolicy(
+        param_dtype=dtype, reduce_dtype=torch.float32, output_dtype=torch.float32, cast_forward_inputs=cast_inputs
+    )
+    fully_shard(module, mesh=mesh, mp_policy=root_policy, ignored_params=ignored or None)
     return module
 
 
@@ -271,10 +293,15 @@ def _bytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def local_state_bytes(modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
-    """This rank's bytes of parameters (every module given, frozen ones included), gradients and optimiser
-    state (sharded tensors count their local shard only); ``total`` is their sum."""
-    seen: set[int] = set()
+def local_state_bytes(
+    modules: list[torch.nn.Module],
+    optimizer: torch.optim.Optimizer | None,
+    exclude: tuple[torch.nn.Module, ...] = (),
+) -> dict[str, int]:
+    """This rank's bytes of parameters (every module given, frozen ones included, but for the parameters of
+    ``exclude``), gradients and optimiser state (sharded tensors count their local shard only); ``total`` is
+    their sum."""
+    seen: set[int] = {id(p) for m in exclude for p in m.parameters()}
     params = grads = 0
     for module in modules:
         for p in module.parameters():
@@ -347,8 +374,14 @@ class ParallelEngine:
     def slot(self, micro: int) -> int:
         return data_slot(self.ctx, self.grad_accum, micro)
 
-    def prepare(self, *modules: torch.nn.Module | None) -> None:
-        """Rank 0's weights and buffers on every rank, then (FSDP) each module sharded as its own root."""
+    def prepare(
+        self,
+        *modules: torch.nn.Module | None,
+        keep_whole: tuple[torch.nn.Module, ...] = (),
+        cast_inputs: bool = True,
+    ) -> None:
+        """Rank 0's weights and buffers on every rank, then (FSDP) each module sharded as its own root
+        (``keep_whole`` and ``cast_inputs``: see ``shard_module``)."""
         for module in modules:
             if module is not None:
                 broadcast_parameters(module, self.ctx)
@@ -358,7 +391,7 @@ class ParallelEngine:
             self._mesh = cpu_or_device_mesh(self.ctx)
         for module in modules:
             if module is not None:
-                shard_module(module, self.ctx, self.options, self._mesh)
+                shard_module(module, self.ctx, self.options, self._mesh, keep_whole, cast_inputs)
 
     def backward(self, loss: torch.Tensor, *modules: torch.nn.Module | None) -> None:
         """``loss.backward()``; under FSDP the trained ``modules``' gathered parameters get zero gradients first
@@ -398,10 +431,25 @@ class ParallelEngine:
         return save_checkpoint(directory, modules, optimizer, scalars, keep=keep)
 
     def load(self, directory, modules: dict[str, torch.nn.Module], optimizer) -> dict:
+        """Restores ``modules`` and ``optimizer`` from a checkpoint ``step-N/``, or from the latest one of a run
+        directory (``<out>`` or ``<out>/checkpoints``); returns its scalars. Sharded and replicated checkpoints
+        resume only as they were written, and with the same processes x accumulation."""
         from pathlib import Path
 
-        from .checkpoint import is_sharded_checkpoint, load_checkpoint, load_sharded_checkpoint
+        from .checkpoint import (
+            STATE_NAME,
+            is_sharded_checkpoint,
+            latest_checkpoint,
+            load_checkpoint,
+            load_sharded_checkpoint,
+        )
 
+        directory = Path(directory)
+        if not (directory / STATE_NAME).is_file():
+            runs = directory if directory.name == "checkpoints" else directory / "checkpoints"
+            directory = latest_checkpoint(runs) or directory
+        if not (directory / STATE_NAME).is_file():
+            raise FileNotFoundError(f"{directory} is not a training checkpoint (no {STATE_NAME}) nor a run with one")
         sharded = is_sharded_checkpoint(directory)
         if sharded != self.fsdp:
             raise ValueError(

@@ -1,7 +1,7 @@
 """The pretraining objectives of the paper (section 3.3 and appendix A), as plain functions.
 
 Every function takes tensors and returns a scalar tensor, so each one can be checked on small
-hand-computable cases (``tests/test_losses.py``). The modules that produce their inputs live in
+hand-computable cases (``tests/training/test_losses.py``). The modules that produce their inputs live in
 ``ssl.py`` (DINO/iBOT heads, EMA teacher), ``geometry.py`` (normalised ground truth) and ``captioning.py``.
 """
 

@@ -4,11 +4,12 @@ Nothing is built or loaded: parameter counts come from the configured shapes (Qw
 preset, projector and action head), bytes from the training scheme, activations from the tokens of one
 micro-batch. Three schemes per GPU:
 
-* replicated: this repository's replicated engine (fp32 weights, fp32 gradients, fp32 Adam moments on every
-  rank, bf16 autocast, whose bf16 copies of the weights live through the step): 16 B per trained parameter.
-* FSDP2: ``distributed.shard_module`` with the GPU default (bf16 parameters, fp32 reductions): fp32 master
-  weights, gradients and moments sharded 1/N, plus the gathered bf16 units in flight (two units prefetched and
-  one unit's gradient in bf16 and its fp32 reduction copy).
+* replicated (``train vla --no-fsdp``): fp32 weights, fp32 gradients, fp32 Adam moments on every rank, bf16
+  autocast, whose bf16 copies of the weights live through the step: 16 B per trained parameter.
+* FSDP2 (what ``train vla`` runs on several GPUs by default, ``distributed.shard_module``: bf16 parameters,
+  fp32 reductions): fp32 master weights, gradients and moments sharded 1/N, plus the gathered bf16 units in
+  flight (two units prefetched and one unit's gradient in bf16 and its fp32 reduction copy); the frozen
+  backbone stays whole (fp32) on every rank, since each rank computes its own batches' features with it.
 * ZeRO-2 (what the paper used, appendix C.4): bf16 weights on every rank, fp32 master + moments and bf16
   gradients sharded 1/N, plus DeepSpeed's reduce bucket (5e8 elements by default).
 
@@ -123,6 +124,7 @@ class MemoryPlan:
     tokens: int
     activation_checkpointing: bool
     counts: ModelCounts
+    runs: str = "fsdp2"  # the scheme ``train vla`` runs with this configuration (config.fsdp, or its default)
     per_gpu: dict[str, dict[str, float]] = field(default_factory=dict)  # scheme -> row -> bytes
     host: dict[str, dict[str, float]] = field(default_factory=dict)  # path -> row -> bytes
     host_bytes: int = 0
@@ -137,6 +139,7 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "preset": self.preset, "nproc": self.nproc, "gpu_bytes": self.gpu_bytes, "micro_batch": self.micro_batch,
+            "runs": self.runs,
             "tokens_per_sample": self.tokens, "activation_checkpointing": self.activation_checkpointing,
             "per_gpu": self.per_gpu, "fits": {s: self.fits(s) for s in self.per_gpu},
             "host": self.host, "host_bytes": self.host_bytes, "host_fits": {p: self.host_fits(p) for p in self.host},
@@ -188,6 +191,9 @@ def plan_vla(
     n = nproc
     trained, held, frozen = c.trained, c.llm_held, c.backbone
     plan = MemoryPlan(preset, nproc, parse_bytes(gpu_memory), micro, tokens, activation_checkpointing, c)
+    # train vla's default on GPUs (distributed.ParallelOptions): FSDP2 with several processes, replicated alone
+    fsdp = getattr(config, "fsdp", None)
+    plan.runs = "fsdp2" if (fsdp if fsdp is not None else nproc > 1) else "replicated"
     plan.host_bytes = parse_bytes(host_memory)
     plan.frames = frames
     plan.per_gpu["replicated"] = {
@@ -198,7 +204,7 @@ def plan_vla(
     }
     unit = max(c.layer, c.embedding)
     plan.per_gpu["fsdp2"] = {
-        "parameters": (4 * (trained + held) + 2 * frozen) / n + 2 * (c.layer + unit),  # shards + 2 gathered units
+        "parameters": 4 * (trained + held) / n + 4 * frozen + 2 * (c.layer + unit),  # shards, backbone, 2 units
         "gradients": 4 * trained / n + (2 + 4) * unit,  # shards + one unit's bf16 grad and fp32 reduction
         "optimizer": 8 * trained / n,
         "activations": acts,
@@ -246,6 +252,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{c.llm_held / 1e9:.2f} B, frozen backbone {c.backbone / 1e6:.0f} M",
         f"micro-batch {plan.micro_batch} per GPU x {plan.tokens} tokens; activation checkpointing "
         f"{'on' if plan.activation_checkpointing else 'off'}",
+        f"train vla runs: {plan.runs} (--fsdp / --no-fsdp; default fsdp2 on several GPUs); zero2 is the paper's "
+        "DeepSpeed scheme, for comparison",
         "",
         f"{'per GPU, GiB':<14}" + "".join(f"{s:>12}" for s in plan.per_gpu),
     ]

@@ -7,7 +7,12 @@ batch are shifted and go through the backbone at each step. Trained: the project
 the LLM with its text embeddings, the action query and the action head (lr 2e-5); Adam, warm-up then cosine
 (``lr_schedule="constant"``: the recipe's constant rate after the warm-up), gradient clip 1.0, bf16 autocast
 where the device supports it. ``batch_size`` is the GLOBAL batch: each rank's micro-batch is
-``batch_size / (processes x grad_accum)``. ``data="streamed"`` (the ``paper`` preset) reads frames on demand
+``batch_size / (processes x grad_accum)``. The ranks run on ``distributed.ParallelEngine``: replicated (one
+all-reduce per step), or FSDP2 (``fsdp``; the default for multi-process GPU runs): each decoder layer of the LLM
+is a unit, the rest of the trained policy (text embeddings, projector, action query, head) the root unit, an
+untied LM head (never used by the action query) its own unit; the frozen backbone stays whole on every rank
+(features are computed outside the training forward, each rank its own). Sharded runs write sharded checkpoints
+and gather the policy into the usual ``policy/`` export. ``data="streamed"`` (the ``paper`` preset) reads frames on demand
 and caches the features on disk (``omnistream_train.vla_data``) instead of holding every frame in memory, in
 the same batch order. Action statistics are computed from the dataset and saved with the policy
 (``normalization.safetensors``) and as ``<out>/action_stats.json``. ``init_vlm`` (``--init-vlm``) starts the
@@ -35,20 +40,18 @@ import torch
 from omnistream_perception.features_codec import batch_key
 from omnistream_vla.action_convention import convention_for_dataset
 
-from .checkpoint import resume_checkpoint, save_checkpoint
 from .config import apply_overrides, warmup_cosine
 from .data import sample_indices
 from .distributed import (
     DistributedContext,
-    average_gradients,
-    broadcast_parameters,
-    data_slot,
-    data_slots,
+    ParallelEngine,
+    ParallelOptions,
     gather_strings,
     init_distributed,
+    local_state_bytes,
     mean_across_ranks,
-    micro_batch,
     shutdown_distributed,
+    state_digest,
     weights_digest,
 )
 from .metrics import MetricsLogger
@@ -106,6 +109,9 @@ class VLATrainConfig:
     random_backbone: bool = False
     # Micro-batches accumulated per optimiser step (``batch_size`` stays the global batch).
     grad_accum: int = 1
+    # FSDP2 over the ranks (``--fsdp``): None = on for multi-process GPU runs, off otherwise (replicated).
+    fsdp: bool | None = None
+    activation_checkpointing: bool = False  # with fsdp: each decoder layer recomputed in the backward pass
     # "cosine": linear warm-up, then cosine down to min_lr_ratio; "constant": linear warm-up, then constant.
     lr_schedule: str = "cosine"
     warmup_epochs: float | None = None  # warm-up in epochs of the dataset (replaces warmup_steps when set)
@@ -126,8 +132,8 @@ class VLATrainConfig:
         presets: dict[str, dict[str, Any]] = {
             # The recipe (paper C.4 Table 13, ../shared/specs/simulators.md, VLM4VLA public code's CALVIN config);
             # Adam lr 2e-5, projector 1e-4, clip 1.0, min_max bounds +-0.65 and chunk 10 are the class defaults
-            # and the qwen2.5 policy presets. Not the recipe: fp32 master weights + bf16 autocast, replicated over
-            # the ranks (the paper: bf16 with DeepSpeed ZeRO-2), see training/README.md.
+            # and the qwen2.5 policy presets. Not the recipe: FSDP2 on GPUs (fp32 master weights sharded, bf16
+            # gathers with fp32 reductions, bf16 autocast) where the paper used DeepSpeed ZeRO-2, see training/README.md.
             "paper": dict(
                 policy_preset="qwen2.5-7b", backbone_preset="large",
                 batch_size=128, grad_accum=2,  # Table 13: 8 per GPU x 8 GPUs x accumulation 2
@@ -664,6 +670,18 @@ def run_vla_training(
         shutdown_distributed()
 
 
+def parallel_options(config: VLATrainConfig, device: torch.device) -> ParallelOptions:
+    """The engine's options of a VLA config: ``fsdp``, ``grad_accum``, activation checkpointing, and FSDP's
+    parameter dtype following the autocast ``precision`` (bf16 gathers where autocast computes in bf16)."""
+    precision = "fp32" if _precision(config, device) is None else "bf16"
+    return ParallelOptions(config.fsdp, config.grad_accum, precision, config.activation_checkpointing)
+
+
+def engine_dtype(engine: ParallelEngine, ctx: DistributedContext) -> str:
+    """What ``summary.json`` reports as the dtype of the weights in the forward pass under FSDP (float32 else)."""
+    return str(engine.options.param_dtype(ctx)).removeprefix("torch.") if engine.fsdp else "float32"
+
+
 def _recipe_warnings(config: VLATrainConfig) -> list[str]:
     if config.require_vlm and not config.init_vlm:
         return [
@@ -681,8 +699,9 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     if warnings_ and ctx.is_main:
         rule = "=" * 100
         print("\n".join([rule, *(f"WARNING: {w}" for w in warnings_), rule]), file=sys.stderr, flush=True)
-    micro = micro_batch(config.batch_size, ctx, config.grad_accum)  # an error before any work if it does not divide
-    slots = data_slots(ctx, config.grad_accum)
+    engine = ParallelEngine(ctx, parallel_options(config, ctx.device))
+    micro = engine.micro_batch(config.batch_size)  # an error before any work if it does not divide
+    slots = engine.slots()
     streamed = config.data == "streamed"
     reader = None
     if streamed:
@@ -700,10 +719,16 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     kind = detect_format(Path(dataset))
     actions_kind = action_source(dataset, kind)
     state_names, states = select_state(config, episodes, kind)
-    policy = build_policy(config, stats, ctx.device, resolve_bounds(config, actions_kind), state_names, states)
+    bounds = resolve_bounds(config, actions_kind)
+
+    def new_policy(device: torch.device):
+        built = build_policy(config, stats, device, bounds, state_names, states)
+        built.config.action_convention = convention_for_dataset(actions_kind).to_dict()  # the node acts in these
+        return built
+
+    policy = new_policy(ctx.device)
     if config.head_init == "xavier":
         xavier_init(policy.action_head)
-    policy.config.action_convention = convention_for_dataset(actions_kind).to_dict()  # the node acts in these units
     states_t = torch.from_numpy(states) if states is not None else None
     targets_t = auxiliary_targets(config, episodes)
     chunk = policy.config.chunk_size
@@ -735,22 +760,33 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
     warmup = warmup_length(config, frames)
 
     def whole_dataset_loss() -> float:
-        if not streamed:
-            return dataset_loss(policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t)
-        every = vla_data.TrainFrames(index, list(config.cameras), chunk, features=features, targets=False)
-        batches = vla_data.loader(every, vla_data.sequential_batches(frames, 64), config.loader_workers)
-        return streamed_dataset_loss(policy, batches, ctx.device)
+        # every rank runs every batch (the same calls: under FSDP each is a collective), then frees the gathers;
+        # under FSDP with bf16 gathers in the training's autocast (full-precision inputs meet bf16 weights)
+        dtype = _precision(config, ctx.device)
+        with torch.autocast(ctx.device.type, dtype=dtype or torch.float32, enabled=engine.fsdp and dtype is not None):
+            if not streamed:
+                loss = dataset_loss(
+                    policy, features, chunks_t, pads_t, tasks, config.cameras, ctx.device, states=states_t
+                )
+            else:
+                every = vla_data.TrainFrames(index, list(config.cameras), chunk, features=features, targets=False)
+                batches = vla_data.loader(every, vla_data.sequential_batches(frames, 64), config.loader_workers)
+                loss = streamed_dataset_loss(policy, batches, ctx.device)
+        engine.after_step(policy)
+        return loss
 
     policy.train()
-    broadcast_parameters(policy, ctx)
-    groups = policy.parameter_groups()
+    # the frozen backbone stays whole on every rank: features are computed outside the training forward
+    frozen = (policy.backbone,) if policy.backbone is not None else ()
+    engine.prepare(policy, keep_whole=frozen, cast_inputs=False)  # rank 0's weights everywhere; FSDP2 shards
+    groups = policy.parameter_groups()  # after prepare: the shards under FSDP
     for g in groups:
         g["base_lr"] = g["lr"]
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=0.0)
     params = [p for g in groups for p in g["params"]]
     step = 0
     if resume:
-        step = resume_checkpoint(resume, {"policy": policy}, optimizer, ctx.world_size, config.grad_accum)
+        step = int(engine.load(resume, {"policy": policy}, optimizer)["step"])
     autocast_dtype = _precision(config, ctx.device)
     initial_loss = whole_dataset_loss()
     logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=step if resume else None)
@@ -799,7 +835,7 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
         for m in range(config.grad_accum):
             # slices of the global batch, rank-major (distributed.data_slot): 1 process x accumulation 2 reads
             # what 2 processes read; one augmentation stream per (seed, step, slice)
-            slot = data_slot(ctx, config.grad_accum, m)
+            slot = engine.slot(m)
             idx = sample_indices(frames, step, slot, slots, micro, config.seed, 0) if not streamed else []
             gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1009 + slot) if augment else None
             batch = micro_step_batch(idx, gen)
@@ -807,44 +843,60 @@ def _train(config, dataset, out: Path, resume, ctx: DistributedContext, progress
                 ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
             ):
                 loss, info = policy(batch)
-            (loss / config.grad_accum if config.grad_accum > 1 else loss).backward()
+            engine.backward(loss / config.grad_accum if config.grad_accum > 1 else loss, policy)
             for key, value in {"loss": float(loss.detach()), **info}.items():
                 sums[key] = sums.get(key, 0.0) + value / config.grad_accum
-        average_gradients(params, ctx)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        grad_norm = engine.finish_gradients(params, config.grad_clip)  # mean over ranks, then the clip
         optimizer.step()
+        engine.after_step(policy)
         step += 1
         logs = mean_across_ranks(sums, ctx)
-        logs.update(
-            grad_norm=grad_norm, lr=optimizer.param_groups[-1]["lr"], lr_projector=optimizer.param_groups[0]["lr"]
-        )
+        if grad_norm is not None:
+            logs["grad_norm"] = grad_norm
+        logs.update(lr=optimizer.param_groups[-1]["lr"], lr_projector=optimizer.param_groups[0]["lr"])
         first_loss = logs["loss"] if first_loss is None else first_loss
         logger.log(step, logs)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}")
-        if ctx.is_main and config.save_every and step % config.save_every == 0:
-            save_checkpoint(out / "checkpoints" / f"step-{step:06d}", {"policy": policy}, optimizer,
-                            {"step": step, "world_size": ctx.world_size, "grad_accum": config.grad_accum,
-                             "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
+        if config.save_every and step % config.save_every == 0:  # a collective under FSDP: every rank writes
+            engine.save(out / "checkpoints" / f"step-{step:06d}", {"policy": policy}, optimizer,
+                        {"step": step, "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - began
     if streamed:
         loaded = None  # ends the training loader's workers before the loss pass starts its own
     final_loss = whole_dataset_loss()
-    digests = gather_strings(weights_digest(policy), ctx)
+    state = local_state_bytes([policy], optimizer, exclude=frozen)
+    state_bytes = [json.loads(b) for b in gather_strings(json.dumps(state), ctx)]
+    whole_bytes = sum(p.numel() * p.element_size() for m in frozen for p in m.parameters())
+    if engine.fsdp:
+        # the whole weights exist once gathered (a collective), on rank 0: its fingerprint stands for every rank
+        gathered = engine.full_state_dict(policy)
+        export = new_policy(torch.device("cpu")) if ctx.is_main else None
+        if export is not None:
+            export.load_state_dict(gathered)
+        del gathered
+        digests = [state_digest(export.state_dict())] if export is not None else []
+    else:
+        export = policy
+        digests = gather_strings(weights_digest(policy), ctx)  # every replica's, to show they never drifted
     logger.close()
     result: dict[str, Any] = {"steps": step, "seconds": seconds, "final": logs, "first_loss": first_loss, "frames": frames,
                               "episodes": len(episodes), "rank_digests": digests, "policy": None,
                               "dataset_loss_before": initial_loss, "dataset_loss_after": final_loss,
                               "global_batch": config.batch_size, "micro_batch": micro, "grad_accum": config.grad_accum,
                               "warmup_steps": warmup, "lr_schedule": config.lr_schedule, "data": config.data,
-                              "init_vlm": config.init_vlm, "recipe_warnings": warnings_}  # fmt: skip
+                              "init_vlm": config.init_vlm, "recipe_warnings": warnings_, "world_size": ctx.world_size,
+                              "fsdp": engine.fsdp, "param_dtype": engine_dtype(engine, ctx),
+                              "per_rank_state_bytes": [b["total"] for b in state_bytes],
+                              "per_rank_state_bytes_detail": state_bytes,
+                              "frozen_backbone_bytes_per_rank": whole_bytes}  # fmt: skip
     if ctx.is_main:
         summary = {k: v for k, v in result.items() if k not in ("final", "policy")}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "rank_weights_sha256.json").write_text(json.dumps(digests, indent=2) + "\n")
         policy_dir = out / "policy"
-        policy.save_pretrained(policy_dir)
+        export.save_pretrained(policy_dir)  # consolidated safetensors whatever the sharding
         result["policy"] = str(policy_dir)
         if config.eval_episodes > 0:
             result["eval"] = _evaluate(policy_dir, config, out, progress=show)

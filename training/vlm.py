@@ -15,7 +15,13 @@ so a VLM output plugs into ``train vla --init-vlm`` of the same preset. LLaVA's 
 of them (stage 2 usually from a stage-1 output: ``init_vlm``). Data (``omnistream_train.vlm_data``): questions
 and answers from tabletop ground truth, LeRobot/CALVIN task strings and caption JSONL. Adam, gradient clip,
 bf16 autocast where supported; resumable bit for bit (data order is a function of seed and step); runs under
-``torchrun`` (gradients averaged over ranks). Checkpoints and the output are safetensors + JSON.
+``torchrun`` on ``distributed.ParallelEngine``: ``batch_size`` is the GLOBAL batch (each rank's micro-batch is
+``batch_size / (processes x grad_accum)``), replicated (one all-reduce per step) or FSDP2 (each decoder layer a
+unit, the projector, visual positions and embeddings the root: ``VLMModel``, whose forward is the answer
+likelihood, so every call gathers what it needs); the frozen backbone and the VLA-only parts of the policy stay
+whole and untouched on every rank. The loss is the mean over the answer tokens of the whole global batch
+(each slice's token sum over the global count), so any split gives the one-process loss. Checkpoints and the
+output are safetensors + JSON (sharded checkpoints under FSDP, the output gathered).
 
 Output ``<out>/vlm/``: ``vlm_config.json`` (the policy architecture, the backbone's weights digest),
 ``projector.safetensors`` (projector + visual positions), ``llm/`` (transformers safetensors), ``tokenizer.json``,
@@ -35,17 +41,18 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import resume_checkpoint, save_checkpoint
 from .config import VLMTrainConfig, warmup_cosine
 from .data import sample_indices
 from .distributed import (
     DistributedContext,
-    average_gradients,
-    broadcast_parameters,
+    ParallelEngine,
+    ParallelOptions,
     gather_strings,
     init_distributed,
+    local_state_bytes,
     mean_across_ranks,
     shutdown_distributed,
+    state_digest,
     weights_digest,
 )
 from .metrics import MetricsLogger
@@ -139,19 +146,44 @@ def answer_token_logprobs(
     return logprobs, rows_t
 
 
-def lm_loss(policy, prompts, visual, questions, answers) -> torch.Tensor:
-    """Mean negative log-likelihood per answer token of the batch (LLaVA's loss)."""
-    logprobs, _ = answer_token_logprobs(policy, prompts, visual, questions, answers)
-    return -logprobs.mean()
+class VLMModel(torch.nn.ModuleDict):
+    """What the VLM trains (``projector``, ``llm``, ``visual_positions``: the state of its checkpoints) with
+    ``answer_token_logprobs`` of ``policy`` as its forward: under FSDP the whole is one root, and every
+    likelihood goes through its forward, which gathers the shards. ``policy`` itself (backbone, action head)
+    is not a submodule."""
+
+    def __init__(self, policy) -> None:
+        modules = {"projector": policy.projector, "llm": policy.llm}
+        if policy.visual_positions is not None:
+            modules["visual_positions"] = policy.visual_positions
+        super().__init__(modules)
+        self.__dict__["policy"] = policy  # a plain reference, not a registered submodule
+
+    def forward(self, prompts, visual, questions, answers) -> tuple[torch.Tensor, torch.Tensor]:
+        return answer_token_logprobs(self.policy, prompts, visual, questions, answers)
+
+
+def _scorer(model) -> VLMModel:
+    return model if isinstance(model, VLMModel) else VLMModel(model)
+
+
+def lm_loss(policy, prompts, visual, questions, answers, tokens: int | None = None) -> torch.Tensor:
+    """Mean negative log-likelihood per answer token of the batch (LLaVA's loss); with ``tokens`` (the answer
+    tokens of the whole global batch) the batch's sum over that count instead, so that slices add up to the
+    global mean. ``policy``: a policy or its ``VLMModel``."""
+    logprobs, _ = _scorer(policy)(prompts, visual, questions, answers)
+    return -logprobs.mean() if tokens is None else -logprobs.sum() / tokens
 
 
 @torch.no_grad()
 def answer_scores(policy, prompts, visual, question: str, candidates: list[str]) -> torch.Tensor:
-    """(B, len(candidates)) total log-likelihood of each candidate answer for each frame."""
+    """(B, len(candidates)) total log-likelihood of each candidate answer for each frame (``policy``: a policy
+    or its ``VLMModel``)."""
     batch = visual[0].shape[0]
     scores = torch.zeros(batch, len(candidates))
+    scorer = _scorer(policy)
     for j, candidate in enumerate(candidates):
-        logprobs, rows = answer_token_logprobs(policy, prompts, visual, [question] * batch, [candidate] * batch)
+        logprobs, rows = scorer(prompts, visual, [question] * batch, [candidate] * batch)
         scores[:, j] = torch.zeros(batch, device=logprobs.device).index_add_(0, rows, logprobs).cpu()
     return scores
 
@@ -200,11 +232,8 @@ def build_vlm_policy(config: VLMTrainConfig, device: torch.device):
     return build_policy(vla_config_for(config), {}, device, bounds=(-1.0, 1.0))
 
 
-def trained_modules(policy) -> torch.nn.ModuleDict:
-    modules = {"projector": policy.projector, "llm": policy.llm}
-    if policy.visual_positions is not None:
-        modules["visual_positions"] = policy.visual_positions
-    return torch.nn.ModuleDict(modules)
+def trained_modules(policy) -> VLMModel:
+    return VLMModel(policy)
 
 
 def save_vlm(policy, directory: Path, config: VLMTrainConfig, stages_done: list[int]) -> Path:
@@ -335,7 +364,10 @@ def run_vlm_training(
     resume: str | Path | None = None,
     device: str | None = None,
     progress: bool = True,
+    parallel: ParallelOptions | None = None,
 ) -> dict:
+    """``parallel``: FSDP2, accumulation and activation checkpointing (``distributed.ParallelOptions``; FSDP's
+    parameter dtype follows ``config.precision``); ``summary.json`` records ``per_rank_state_bytes``."""
     from tqdm.auto import tqdm
 
     config.validate()
@@ -343,7 +375,7 @@ def run_vlm_training(
         raise ValueError("give at least one dataset (--dataset) or caption JSONL (--captions)")
     ctx = init_distributed(device)
     try:
-        return _train(config, list(datasets), list(captions), Path(out_dir), resume, ctx, progress, tqdm)
+        return _train(config, list(datasets), list(captions), Path(out_dir), resume, ctx, progress, tqdm, parallel)
     finally:
         shutdown_distributed()
 
@@ -355,9 +387,18 @@ def _set_stage(policy, stage: int) -> list[torch.nn.Parameter]:
     return [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
 
 
-def _train(config: VLMTrainConfig, datasets, captions, out: Path, resume, ctx: DistributedContext, progress, tqdm):
-    from .vla import _precision
+def _train(
+    config: VLMTrainConfig, datasets, captions, out: Path, resume, ctx: DistributedContext, progress, tqdm, parallel
+):
+    from .vla import _precision, engine_dtype
 
+    parallel = parallel or ParallelOptions()
+    precision = "fp32" if _precision(config, ctx.device) is None else "bf16"
+    engine = ParallelEngine(
+        ctx, ParallelOptions(parallel.fsdp, parallel.grad_accum, precision, parallel.activation_checkpointing)
+    )
+    micro = engine.micro_batch(config.batch_size)  # an error before any work if it does not divide
+    slots = engine.slots()
     policy = build_vlm_policy(config, ctx.device)
     show = progress and ctx.is_main
     features, samples = load_sources(policy, config, datasets, captions, show)
@@ -366,22 +407,28 @@ def _train(config: VLMTrainConfig, datasets, captions, out: Path, resume, ctx: D
         grounding = replace(config, questions=["which_colour"], frame_stride=1)  # whatever the training asks
         eval_features, eval_samples = load_sources(policy, grounding, [config.eval_dataset], [], show)
     prompts = VLMPrompts(policy.processor)
-    modules = trained_modules(policy)
+    model = VLMModel(policy)
     policy.train()
-    broadcast_parameters(modules, ctx)
+    engine.prepare(model, cast_inputs=False)  # rank 0's weights everywhere; FSDP2 shards (backbone untouched)
     projector_params = [p for m in (policy.projector, policy.visual_positions) if m is not None for p in m.parameters()]
     groups = [{"params": projector_params, "lr": 0.0, "name": "projector"},
               {"params": list(policy.llm.parameters()), "lr": 0.0, "name": "llm"}]  # fmt: skip
     optimizer = torch.optim.Adam(groups, betas=(0.9, 0.999), weight_decay=0.0)
     step = 0
     if resume:
-        step = resume_checkpoint(resume, {"vlm": modules}, optimizer, ctx.world_size)
+        step = int(engine.load(resume, {"vlm": model}, optimizer)["step"])
     autocast_dtype = _precision(config, ctx.device)
 
     def accuracy() -> float | None:
         if eval_samples is None:
             return None
-        return grounding_accuracy(policy, prompts, eval_features, eval_samples, config.cameras, ctx.device)
+        # every rank scores every question (the same calls: collectives under FSDP), then frees the gathers;
+        # under FSDP with bf16 gathers in the training's autocast (full-precision features meet bf16 weights)
+        bf16 = engine.fsdp and autocast_dtype is not None
+        with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=bf16):
+            value = grounding_accuracy(model, prompts, eval_features, eval_samples, config.cameras, ctx.device)
+        engine.after_step(model)
+        return value
 
     accuracy_before = accuracy()
     logger = MetricsLogger(out, enabled=ctx.is_main, resume_step=step if resume else None)
@@ -398,36 +445,62 @@ def _train(config: VLMTrainConfig, datasets, captions, out: Path, resume, ctx: D
         scale = warmup_cosine(step - first, config.warmup_steps, span, config.min_lr_ratio)
         optimizer.param_groups[0]["lr"] = (config.stage1_lr if stage == 1 else config.projector_lr) * scale
         optimizer.param_groups[1]["lr"] = config.lr * scale if stage == 2 else 0.0
-        idx = sample_indices(len(samples), step, ctx.rank, ctx.world_size, config.batch_size, config.seed, 0)
-        chosen = [samples[i] for i in idx]
-        frames = [s.frame for s in chosen]
-        visual = [features[cam][frames].to(ctx.device) for cam in config.cameras]
+        # the global batch as slices, rank-major (distributed.data_slot); split over ranks or micro-batches, each
+        # slice's loss is its answer tokens' sum over the global batch's count (None: one slice, the plain mean)
+        slices = [sample_indices(len(samples), step, k, slots, micro, config.seed, 0) for k in range(slots)]
+        tokens = sum(len(prompts.answer(samples[i].answer)) for idx in slices for i in idx) if slots > 1 else None
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = lm_loss(policy, prompts, visual, [s.question for s in chosen], [s.answer for s in chosen])
-        loss.backward()
-        average_gradients(params, ctx)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.grad_clip))
+        total = 0.0
+        for m in range(engine.grad_accum):
+            chosen = [samples[i] for i in slices[engine.slot(m)]]
+            frames = [s.frame for s in chosen]
+            visual = [features[cam][frames].to(ctx.device) for cam in config.cameras]
+            with torch.autocast(
+                ctx.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
+                loss = lm_loss(model, prompts, visual, [s.question for s in chosen], [s.answer for s in chosen], tokens)
+            if tokens is not None and ctx.world_size > 1:
+                loss = loss * ctx.world_size  # the ranks' gradients are averaged: their partial sums must add up
+            engine.backward(loss, model)
+            total += float(loss.detach())
+        grad_norm = engine.finish_gradients(params, config.grad_clip)  # mean over ranks, then the clip
         optimizer.step()
+        engine.after_step(model)
         step += 1
-        logs = mean_across_ranks({"loss": float(loss.detach())}, ctx)
-        logs.update(stage=stage, grad_norm=grad_norm, lr_projector=optimizer.param_groups[0]["lr"],
-                    lr_llm=optimizer.param_groups[1]["lr"])  # fmt: skip
+        logs = mean_across_ranks({"loss": total}, ctx)  # the mean of world x partial sums: the global batch's
+        logs.update(stage=stage)
+        if grad_norm is not None:
+            logs["grad_norm"] = grad_norm
+        logs.update(lr_projector=optimizer.param_groups[0]["lr"], lr_llm=optimizer.param_groups[1]["lr"])
         logger.log(step, logs)
         bar.update(1)
         bar.set_postfix(loss=f"{logs['loss']:.4f}", stage=stage)
-        if ctx.is_main and config.save_every and step % config.save_every == 0:
-            save_checkpoint(out / "checkpoints" / f"step-{step:06d}", {"vlm": modules}, optimizer,
-                            {"step": step, "world_size": ctx.world_size, "config": asdict(config)},
-                            keep=config.keep_checkpoints)  # fmt: skip
+        if config.save_every and step % config.save_every == 0:  # a collective under FSDP: every rank writes
+            engine.save(out / "checkpoints" / f"step-{step:06d}", {"vlm": model}, optimizer,
+                        {"step": step, "config": asdict(config)}, keep=config.keep_checkpoints)  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - began
     accuracy_after = accuracy()
-    digests = gather_strings(weights_digest(modules), ctx)
+    state_bytes = [json.loads(b) for b in gather_strings(json.dumps(local_state_bytes([model], optimizer)), ctx)]
+    if engine.fsdp:
+        # the whole weights exist once gathered (a collective), on rank 0: its fingerprint stands for every rank
+        gathered = engine.full_state_dict(model)
+        export = build_vlm_policy(config, torch.device("cpu")) if ctx.is_main else None
+        if export is not None:
+            VLMModel(export).load_state_dict(gathered)
+        del gathered
+        digests = [state_digest(VLMModel(export).state_dict())] if export is not None else []
+    else:
+        export = policy
+        digests = gather_strings(weights_digest(model), ctx)  # every replica's, to show they never drifted
     logger.close()
     result: dict[str, Any] = {"steps": step, "seconds": seconds, "final": logs, "samples": len(samples),
                               "frames": int(next(iter(features.values())).shape[0]), "rank_digests": digests,
-                              "vlm": None}  # fmt: skip
+                              "vlm": None, "world_size": ctx.world_size, "fsdp": engine.fsdp,
+                              "param_dtype": engine_dtype(engine, ctx), "global_batch": config.batch_size,
+                              "micro_batch": micro, "grad_accum": engine.grad_accum,
+                              "per_rank_state_bytes": [b["total"] for b in state_bytes],
+                              "per_rank_state_bytes_detail": state_bytes}  # fmt: skip
     if accuracy_before is not None:
         result["eval"] = {"grounding_accuracy_before": accuracy_before, "grounding_accuracy": accuracy_after,
                           "chance": 1 / len(COLOURS), "questions": sum(s.kind == "which_colour" for s in eval_samples)}  # fmt: skip
@@ -440,7 +513,7 @@ def _train(config: VLMTrainConfig, datasets, captions, out: Path, resume, ctx: D
         if config.init_vlm:  # stage 2 on a stage-1 output has been through both
             stages_done |= set(VLMDirectory(config.init_vlm).meta["stages"])
         stages_done = sorted(stages_done)
-        result["vlm"] = str(save_vlm(policy, out / VLM_DIR, config, stages_done))
+        result["vlm"] = str(save_vlm(export, out / VLM_DIR, config, stages_done))  # consolidated safetensors
     return result
 
 

@@ -66,7 +66,8 @@ def _parallel_args(p: argparse.ArgumentParser) -> None:
 def _parallel(args: argparse.Namespace):
     from omnistream_train.distributed import ParallelOptions
 
-    return ParallelOptions(args.fsdp, args.grad_accum, args.precision, args.activation_checkpointing)
+    precision = getattr(args, "precision", "auto")  # train vlm: its config's precision sets FSDP's dtype
+    return ParallelOptions(args.fsdp, args.grad_accum, precision, args.activation_checkpointing)
 
 
 def _batch_overrides(args: argparse.Namespace) -> dict:
@@ -124,7 +125,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nproc", type=int, default=8, help="--plan: GPUs (processes) in the run (default 8)")
     p.add_argument("--gpu-memory", default="80GB", help="--plan: memory of one GPU, e.g. 80GB, 80GiB, 141GB")
     p.add_argument("--host-memory", default="128GiB", help="--plan: RAM of one machine (default 128GiB)")
-    p.add_argument("--activation-checkpointing", action="store_true", help="--plan: with activation checkpointing")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward pass (with --fsdp; --plan: counted)")  # fmt: skip
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="FSDP2: shard the trained policy per decoder layer over the ranks (default: on for "
+                        "multi-process GPU runs, off otherwise)")  # fmt: skip
     p.add_argument("--epochs", type=float, default=None, help="train for this many passes over the data")
     p.add_argument("--eval-episodes", type=int, default=0, help="closed-loop episodes in the simulator at the end")
     p.add_argument("--init-vlm", default=None, help="start from a `train vlm` output (its projector, LLM, tokenizer)")
@@ -144,7 +149,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", default=None, help="backbone directory (default: the preset's random backbone)")
     p.add_argument("--llm", default=None, help="Qwen2.5 hub id or directory (default: the preset's)")
     p.add_argument("--init-vlm", default=None, help="start from a `train vlm` output (e.g. stage 2 after stage 1)")
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="GLOBAL batch (per-rank micro-batch = global / (processes x --grad-accum)); default: preset's")  # fmt: skip
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimiser step")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="FSDP2: shard projector and LLM per decoder layer over the ranks (default: on for "
+                        "multi-process GPU runs, off otherwise)")  # fmt: skip
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each decoder layer in the backward pass (with --fsdp)")  # fmt: skip
     p.add_argument("--eval-dataset", default=None, help="held-out tabletop demonstrations: grounding accuracy")
     p.set_defaults(handler=_vlm)
 
@@ -267,7 +279,8 @@ def _vla_plan(args: argparse.Namespace) -> int:
     from omnistream_train.vla import VLATrainConfig
 
     with user_errors(ValueError):
-        overrides = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, **_parse_overrides(args.overrides))
+        overrides = dict(batch_size=args.batch_size, grad_accum=args.grad_accum, fsdp=args.fsdp,
+                         **_parse_overrides(args.overrides))  # fmt: skip
         config = VLATrainConfig.from_preset(args.preset, **overrides)
         plan = plan_vla(config, args.nproc, args.gpu_memory, args.host_memory, preset=args.preset,
                         activation_checkpointing=args.activation_checkpointing)  # fmt: skip
@@ -294,6 +307,8 @@ def _vla(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         eval_episodes=args.eval_episodes,
         init_vlm=args.init_vlm,
+        fsdp=args.fsdp,
+        activation_checkpointing=args.activation_checkpointing or None,
     )
     with user_errors():
         config = VLATrainConfig.from_preset(args.preset, **overrides)
@@ -333,7 +348,7 @@ def _vlm(args: argparse.Namespace) -> int:
         if args.llm:
             config.policy_overrides = dict(config.policy_overrides, llm=args.llm)
         result = run_vlm_training(config, args.dataset, args.out, captions=args.captions, resume=args.resume,
-                                  device=args.device, progress=not args.no_progress)  # fmt: skip
+                                  device=args.device, progress=not args.no_progress, parallel=_parallel(args))  # fmt: skip
     if result.get("vlm") is not None:
         final = result.get("final") or {}
         line = (f"trained {result['steps']} steps in {result['seconds']:.1f} s on {result['samples']} questions; "
