@@ -21,9 +21,9 @@ from conftest import REPO
 ROOTS = {
     "omnistream_perception": REPO / "ros2_ws/src/omnistream_perception/omnistream_perception",
     "omnistream_vla": REPO / "ros2_ws/src/omnistream_vla/omnistream_vla",
-    "omnistream_sim": REPO / "sim",
-    "omnistream_train": REPO / "training",
-    "omnistream_cli": REPO / "cli",
+    "omnistream_sim": REPO / "sim/omnistream_sim",
+    "omnistream_train": REPO / "training/omnistream_train",
+    "omnistream_cli": REPO / "cli/omnistream_cli",
 }
 # The ROS adapters: the only modules of the two ROS packages that may talk to ROS.
 ROS_PREFIXES = (
@@ -107,8 +107,9 @@ def _violations() -> list[str]:
     return sorted(out.values())
 
 
-def test_every_package_is_found():
+def test_every_package_is_found_in_a_folder_named_as_it_is_imported():
     assert {m.split(".")[0] for m in MODULES} == set(ROOTS)
+    assert all(root.name == package for package, root in ROOTS.items())
     assert "omnistream_perception.model.modeling_omnistream" in MODULES
 
 

@@ -1,4 +1,4 @@
-"""`train vla --set data="streamed"` (training/vla_data.py): an index in memory, frames read on demand by loader
+"""`train vla --set data="streamed"` (training/omnistream_train/vla_data.py): an index in memory, frames read on demand by loader
 workers, features cached on disk in float16 and memory-mapped; the same rows, in the same order, as the in-memory
 path, and host memory that does not grow with the dataset (the slow check measures it)."""
 

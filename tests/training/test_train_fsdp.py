@@ -1,4 +1,4 @@
-"""FSDP2 training engine (training/distributed.py): global batch, sharded state, exactness, sharded checkpoints.
+"""FSDP2 training engine (training/omnistream_train/distributed.py): global batch, sharded state, exactness, sharded checkpoints.
 
 CPU, gloo, 2 ranks under torchrun, the tiny ``debug`` presets, geometry objectives only: their losses are per-sample
 averages, so a global batch split over ranks or micro-batches is the same arithmetic up to float rounding (the SSL

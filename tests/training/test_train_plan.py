@@ -1,4 +1,4 @@
-"""`omnistream train vla --plan` (training/plan.py): parameter counts match the built modules, and the memory
+"""`omnistream train vla --plan` (training/omnistream_train/plan.py): parameter counts match the built modules, and the memory
 arithmetic says what a paper-scale run needs per GPU and per host."""
 
 from __future__ import annotations

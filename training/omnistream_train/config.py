@@ -177,7 +177,7 @@ VLM_QUESTIONS = ("which_colour", "where", "caption", "holds", "moved", "task")
 
 @dataclass
 class VLMTrainConfig:
-    """``omnistream train vlm``: the vision-language stage before the VLA (LLaVA-style, see training/vlm.py).
+    """``omnistream train vlm``: the vision-language stage before the VLA (LLaVA-style, see training/omnistream_train/vlm.py).
 
     The architecture fields (``policy_preset``, ``policy_overrides``, ``backbone*``, ``cameras``, ``features``) mean
     what they mean for ``VLATrainConfig`` and build the projector and LLM through the same code, so a VLM output
