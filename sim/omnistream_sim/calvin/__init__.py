@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # The validation instruction of every subtask (the first validation annotation, as the official script uses).
-DEFAULT_INSTRUCTIONS = Path(__file__).resolve().parents[2].parent / "shared" / "calvin" / "validation_instructions.json"
+DEFAULT_INSTRUCTIONS = Path(__file__).resolve().parents[3].parent / "shared" / "calvin" / "validation_instructions.json"
 
 
 def load_instructions(path: str | Path | None = None) -> dict[str, str]:
