@@ -128,35 +128,37 @@ def benchmark_node(
     params = {"checkpoint": str(checkpoint), "device": device, "dtype": dtype}
     if window is not None:
         params["window"] = window
-    node = PerceptionNode(
-        node_name="bench_perception",
-        context=context,
-        parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
-    )
-    tester = rclpy.create_node("bench_camera", context=context)
-    executor = MultiThreadedExecutor(context=context)
-    executor.add_node(node)
-    executor.add_node(tester)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    cam = node.cameras["camera"]
-    keys = ["features", "depth"] if node.has_heads else ["features"]
-    outputs = _Outputs(keys)
-    tester.create_subscription(StreamFeatures, "/bench_perception/features", outputs.callback("features"), 10)
-    if node.has_heads:
-        # no scale_source: the depth goes out scale-free, on ~/depth_scale_free
-        tester.create_subscription(Image, "/bench_perception/depth_scale_free", outputs.callback("depth"), 10)
-    image_pub = tester.create_publisher(Image, "/image", 10)
-    report: dict[str, Any] = {
-        "image_size": f"{width}x{height}",
-        "device": device,
-        "dtype": dtype,
-        "heads": node.has_heads,
-        "window": node.get_parameter("window").value,
-        "max_side": node.get_parameter("max_side").value,
-        "outputs_timed": keys,
-    }
+    # A stop (Ctrl-C, SIGTERM) can come while the node is still being built: the finally below must see what exists.
+    node = tester = executor = spinner = None
     try:
+        node = PerceptionNode(
+            node_name="bench_perception",
+            context=context,
+            parameter_overrides=[Parameter(k, value=v) for k, v in params.items()],
+        )
+        tester = rclpy.create_node("bench_camera", context=context)
+        executor = MultiThreadedExecutor(context=context)
+        executor.add_node(node)
+        executor.add_node(tester)
+        spinner = threading.Thread(target=executor.spin, daemon=True)
+        spinner.start()
+        cam = node.cameras["camera"]
+        keys = ["features", "depth"] if node.has_heads else ["features"]
+        outputs = _Outputs(keys)
+        tester.create_subscription(StreamFeatures, "/bench_perception/features", outputs.callback("features"), 10)
+        if node.has_heads:
+            # no scale_source: the depth goes out scale-free, on ~/depth_scale_free
+            tester.create_subscription(Image, "/bench_perception/depth_scale_free", outputs.callback("depth"), 10)
+        image_pub = tester.create_publisher(Image, "/image", 10)
+        report: dict[str, Any] = {
+            "image_size": f"{width}x{height}",
+            "device": device,
+            "dtype": dtype,
+            "heads": node.has_heads,
+            "window": node.get_parameter("window").value,
+            "max_side": node.get_parameter("max_side").value,
+            "outputs_timed": keys,
+        }
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (
             image_pub.get_subscription_count() > 0 and all(cam.publishers[k].get_subscription_count() > 0 for k in keys)
@@ -260,10 +262,13 @@ def benchmark_node(
             report["realtime"]["rss_mb_at_start"] = report["realtime"].pop("_rss_start")
         report["rss_mb"] = round(resident_bytes() / 2**20, 1)
     finally:
-        executor.shutdown()
-        spinner.join(timeout=5)
-        node.destroy_node()
-        tester.destroy_node()
+        if executor is not None:
+            executor.shutdown()
+        if spinner is not None:
+            spinner.join(timeout=5)
+        for built in (node, tester):
+            if built is not None:
+                built.destroy_node()
         rclpy.try_shutdown(context=context)
     return report
 
