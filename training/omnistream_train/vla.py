@@ -288,28 +288,32 @@ def _calvin_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
 
 
 def _tabletop_episodes(root: Path, cameras: list[str]) -> list[EpisodeData]:
-    from omnistream_sim.tabletop.tasks import COLOURS, TASKS
+    return [read_tabletop_episode(root / entry["file"], cameras) for entry in tabletop_index(root)]
 
+
+def tabletop_index(root: Path) -> list[dict[str, Any]]:
+    """The episode entries of tabletop demonstrations (``index.json``)."""
     index = json.loads((root / "index.json").read_text())
     if "episodes" not in index:
         raise ValueError(f"{root}/index.json lists no 'episodes' (geometry sequences are not demonstrations)")
-    episodes = []
-    for entry in index["episodes"]:
-        with np.load(root / entry["file"]) as f:
-            missing = [c for c in cameras if c not in f.files]
-            if missing:
-                raise ValueError(f"{root / entry['file']} has no camera {missing}")
-            state = f["state"].astype(np.float32) if "state" in f.files else None
-            target = None
-            if "scene" in f.files:  # scene = red, green, blue block centres (x, y, z)
-                colour = list(COLOURS).index(TASKS[str(f["task"])].colour)
-                target = f["scene"][:, 3 * colour : 3 * colour + 2].astype(np.float32)
-            episodes.append(
-                EpisodeData(
-                    {c: f[c] for c in cameras}, f["actions"].astype(np.float32), str(f["instruction"]), state, target
-                )  # fmt: skip
-            )
-    return episodes
+    return index["episodes"]
+
+
+def read_tabletop_episode(path: Path, cameras: list[str], images: bool = True) -> EpisodeData:
+    """One tabletop demonstration; without ``images`` the frames are left on disk (the streamed data path)."""
+    from omnistream_sim.tabletop.tasks import COLOURS, TASKS
+
+    with np.load(path) as f:
+        missing = [c for c in cameras if c not in f.files]
+        if missing:
+            raise ValueError(f"{path} has no camera {missing}")
+        state = f["state"].astype(np.float32) if "state" in f.files else None
+        target = None
+        if "scene" in f.files:  # scene = red, green, blue block centres (x, y, z)
+            colour = list(COLOURS).index(TASKS[str(f["task"])].colour)
+            target = f["scene"][:, 3 * colour : 3 * colour + 2].astype(np.float32)
+        frames = {c: f[c] for c in cameras} if images else {}
+        return EpisodeData(frames, f["actions"].astype(np.float32), str(f["instruction"]), state, target)
 
 
 def select_state(config: VLATrainConfig, episodes: list[EpisodeData], kind: str) -> tuple[list[str], np.ndarray | None]:

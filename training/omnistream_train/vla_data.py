@@ -169,26 +169,10 @@ def _index_calvin(root: Path, cameras: list[str]):
 
 
 def _index_tabletop(root: Path, cameras: list[str]):
-    from omnistream_sim.tabletop.tasks import COLOURS, TASKS
+    from .vla import read_tabletop_episode, tabletop_index
 
-    from .vla import EpisodeData
-
-    index = json.loads((root / "index.json").read_text())
-    if "episodes" not in index:
-        raise ValueError(f"{root}/index.json lists no 'episodes' (geometry sequences are not demonstrations)")
-    episodes, files = [], []
-    for entry in index["episodes"]:
-        with np.load(root / entry["file"]) as f:
-            missing = [c for c in cameras if c not in f.files]
-            if missing:
-                raise ValueError(f"{root / entry['file']} has no camera {missing}")
-            state = f["state"].astype(np.float32) if "state" in f.files else None
-            target = None
-            if "scene" in f.files:  # scene = red, green, blue block centres (x, y, z)
-                colour = list(COLOURS).index(TASKS[str(f["task"])].colour)
-                target = f["scene"][:, 3 * colour : 3 * colour + 2].astype(np.float32)
-            episodes.append(EpisodeData({}, f["actions"].astype(np.float32), str(f["instruction"]), state, target))
-        files.append(entry["file"])
+    files = [entry["file"] for entry in tabletop_index(root)]
+    episodes = [read_tabletop_episode(root / name, cameras, images=False) for name in files]
     return episodes, TabletopFrames(root, files)
 
 
